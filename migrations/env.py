@@ -1,0 +1,29 @@
+"""Alembic environment: runs online against the engine handed over in config.attributes."""
+
+from alembic import context
+
+from onprem_label.db import models  # noqa: F401  (registers every table on Base.metadata)
+from onprem_label.db.base import Base
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    """Run migrations on the engine the caller configured (see onprem_label.db.migrate)."""
+    engine = config.attributes["engine"]
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            compare_type=True,
+            # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (SQL script) migrations are not supported; use 'onprem-label db upgrade'")
+run_migrations_online()

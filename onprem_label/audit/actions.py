@@ -1,0 +1,35 @@
+"""The closed set of audit actions, as "object:action" strings."""
+
+from enum import StrEnum
+
+
+class AuditAction(StrEnum):
+    """Every action the audit trail knows; new features add members here."""
+
+    LOGIN_OK = "auth:login"
+    LOGIN_FAILED = "auth:login_failed"
+    LOGIN_LOCKED = "auth:locked"
+    LOGIN_RATE_LIMITED = "auth:rate_limited"
+    LOGOUT = "auth:logout"
+    SESSION_TIMEOUT = "auth:session_timeout"
+    BREAK_GLASS_LOGIN = "auth:break_glass_login"
+    BREAK_GLASS_ISSUED = "auth:break_glass_issued"
+    TOTP_FAILED = "auth:totp_failed"
+    ACCESS_DENIED = "auth:access_denied"
+    CSRF_REJECTED = "auth:csrf_rejected"
+
+    USER_CREATE = "user:create"
+    USER_DISABLE = "user:disable"
+    USER_ENABLE = "user:enable"
+    USER_UNLOCK = "user:unlock"
+    USER_ROLES = "user:roles"
+    USER_PASSWORD_CHANGE = "user:password_change"
+    USER_PASSWORD_RESET = "user:password_reset"
+    USER_SESSIONS_END = "user:sessions_end"
+    USER_TOTP_ENABLE = "user:totp_enable"
+    USER_TOTP_DISABLE = "user:totp_disable"
+
+    TOKEN_CREATE = "token:create"
+    TOKEN_REVOKE = "token:revoke"
+
+    SYSTEM_INIT = "system:init"

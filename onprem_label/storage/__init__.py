@@ -1,0 +1,1 @@
+"""Encrypted storage and key management (no Flask, no database)."""
