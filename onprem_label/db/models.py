@@ -49,6 +49,19 @@ class User(Base):
         """The user's roles as a set."""
         return frozenset(self.roles.split())
 
+    # The user protocol flask-login expects, written out so the model needs no Flask import.
+    is_authenticated = True
+    is_anonymous = False
+
+    @property
+    def is_active(self) -> bool:
+        """flask-login's name for `active`."""
+        return self.active
+
+    def get_id(self) -> str:
+        """flask-login's user id."""
+        return str(self.id)
+
     def __repr__(self) -> str:
         return f"<User {self.id} {self.username}>"
 

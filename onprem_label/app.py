@@ -1,0 +1,74 @@
+"""create_app: the Flask application for given settings, with every extension and blueprint."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from importlib.resources import files
+from typing import Callable
+
+from flask import Flask
+
+from onprem_label.auth.accounts import LockoutPolicy
+from onprem_label.auth.ratelimit import AddressRateLimiter
+from onprem_label.auth.sessions import SessionPolicy
+from onprem_label.clock import utcnow
+from onprem_label.config import Settings, load_settings
+from onprem_label.db import make_engine, make_sessionmaker, migrate
+from onprem_label.storage.keys import derive_key, load_key_file
+from onprem_label.web import errors, login, security
+from onprem_label.web.context import Services, close_db
+from onprem_label.web.sessions import ServerSessionInterface
+
+SESSION_COOKIE = "olsession"
+MAX_FORM_BYTES = 1 << 20  # uploads get their own streamed limit (ingest issue)
+
+
+def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
+               master_key: bytes | None = None) -> Flask:
+    """Build the app. Raises KeyFileError for a missing or bad key; does no other I/O but connect."""
+    settings = settings or load_settings()
+    if master_key is None:
+        master_key = load_key_file(settings.key_path)
+    web = files("onprem_label.web")
+    app = Flask("onprem_label", template_folder=str(web / "templates"),
+                static_folder=str(web / "static"))
+    app.config.update(
+        SECRET_KEY=derive_key(master_key, "flask-signing"),
+        SESSION_COOKIE_NAME=("__Host-" if settings.https else "") + SESSION_COOKIE,
+        SESSION_COOKIE_SECURE=settings.https,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_PATH="/",
+        MAX_CONTENT_LENGTH=MAX_FORM_BYTES,
+        MAX_FORM_MEMORY_SIZE=MAX_FORM_BYTES,
+        TRAP_HTTP_EXCEPTIONS=False,
+        PROPAGATE_EXCEPTIONS=False,
+        SEND_FILE_MAX_AGE_DEFAULT=3600,
+    )
+    engine = make_engine(settings.effective_database_url)
+    app.extensions["onprem_label"] = Services(
+        settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), clock=clock,
+        totp_key=derive_key(master_key, "totp-secrets"),
+        lockout=LockoutPolicy.from_settings(settings),
+        session_policy=SessionPolicy.from_settings(settings),
+        rate_limiter=AddressRateLimiter(settings.address_rate_limit,
+                                        timedelta(minutes=settings.address_rate_window_minutes)),
+        head_revision=migrate.head_revision(engine),
+    )
+    app.session_interface = ServerSessionInterface()
+    app.teardown_appcontext(close_db)
+
+    # Order matters: who is calling, then CSRF (bearer calls are exempt), then the login gate.
+    login.init_app(app)
+    app.before_request(security.check_csrf)
+    app.before_request(login.enforce_gate)
+    security.init_app(app)
+    errors.init_app(app)
+
+    from onprem_label.web.api import bp as api_bp
+    from onprem_label.web.health import bp as health_bp
+    from onprem_label.web.pages import admin, auth, home
+
+    for blueprint in (health_bp, auth.bp, home.bp, admin.bp, api_bp):
+        app.register_blueprint(blueprint)
+    return app

@@ -1,0 +1,240 @@
+"""The `onprem-label` command: init, serve, db, user, token, config."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import sys
+
+import click
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from onprem_label import __version__
+from onprem_label.audit import AuditAction, record
+from onprem_label.auth import accounts
+from onprem_label.auth.errors import AuthError
+from onprem_label.clock import utcnow
+from onprem_label.config import Settings, SettingsError, load_settings
+from onprem_label.db import make_engine, make_sessionmaker, migrate
+from onprem_label.storage.keys import KeyFileError, create_key_file, load_key_file
+
+DB_FILE_NAME = "onprem-label.db"
+
+
+class CliError(Exception):
+    """An operator-facing error: printed as one line, exit status 1."""
+
+
+class Group(click.Group):
+    """Click group that turns every known error into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (CliError, SettingsError, KeyFileError, AuthError) as exc:
+            _fail(str(exc))
+        except OperationalError as exc:
+            _fail(f"database unreachable: {str(exc.orig).strip().splitlines()[0]}")
+        except SQLAlchemyError as exc:
+            _fail(f"database error: {str(exc).strip().splitlines()[0]}")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def settings_from(ctx: click.Context, **explicit) -> Settings:
+    """Settings with the group's --data-dir and a command's own flags as explicit values."""
+    return load_settings({"data_dir": ctx.obj.get("data_dir"), **explicit})
+
+
+def open_database(settings: Settings, *, require_head: bool = True):
+    """(engine, sessionmaker), refusing a database that is missing or not at head."""
+    if settings.is_sqlite and not (settings.data_path / DB_FILE_NAME).exists() and not settings.database_url:
+        raise CliError(f"no database in {settings.data_path}; run 'onprem-label init' first")
+    engine = make_engine(settings.effective_database_url)
+    if require_head:
+        at_head, message = migrate.schema_status(engine)
+        if not at_head:
+            engine.dispose()
+            raise CliError(message)
+    return engine, make_sessionmaker(engine)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Data directory (default ./onprem-data, or ONPREM_LABEL_DATA_DIR).")
+@click.version_option(__version__, prog_name="onprem-label")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str | None) -> None:
+    """On-premise labeling server with full inspection and an audit trail."""
+    ctx.ensure_object(dict)
+    ctx.obj["data_dir"] = data_dir
+
+
+@cli.command()
+@click.option("--admin", "admin_name", default="admin", show_default=True,
+              help="Username of the first admin.")
+@click.option("--demo/--no-demo", default=False, help="Also create a demo project.")
+@click.pass_context
+def init(ctx: click.Context, admin_name: str, demo: bool) -> None:
+    """Create the data directory, the master key, the database and the first admin (once)."""
+    settings = settings_from(ctx)
+    key_path = settings.key_path
+    if key_path.exists():
+        load_key_file(key_path)  # a broken key stops us before anything is written
+    data = settings.data_path
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if create_key_file(key_path):
+        click.echo(f"created master key {key_path} (mode 0600) - keep a copy off this machine; "
+                   "without it the encrypted data cannot be read")
+    engine = make_engine(settings.effective_database_url)
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        if before != migrate.head_revision(engine):
+            click.echo(f"database ready ({settings.masked()['database_url'] or data / DB_FILE_NAME})")
+        with make_sessionmaker(engine)() as db:
+            if accounts.count_users(db):
+                click.echo(f"data directory {data} already initialised; nothing else to do")
+                return
+            now = utcnow()
+            password = accounts.generate_password()
+            accounts.create_user(db, admin_name, password, ["admin"], display_name="Administrator",
+                                 must_change_password=True, now=now)
+            record(db, AuditAction.SYSTEM_INIT, object_type="system",
+                   details={"data_dir": str(data), "version": __version__}, now=now)
+            if demo:
+                from onprem_label.demo import create_demo_project
+                create_demo_project(db, now=now)
+            db.commit()
+        click.echo(f"admin username: {admin_name}")
+        click.echo(f"admin one-time password: {password}")
+        click.echo("(it must be changed at first login)")
+    finally:
+        engine.dispose()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to bind. Default 127.0.0.1: only this machine "
+              "can connect until a TLS reverse proxy is configured (trusted_proxy), because the "
+              "server itself speaks plain HTTP and passwords must not cross the network in clear.")
+@click.option("--port", type=int, default=None, help="TCP port (default 8080).")
+@click.option("--threads", type=int, default=None, help="Worker threads (default 8).")
+@click.option("--insecure-http", is_flag=True,
+              help="Allow a non-loopback address without a TLS proxy (testing only; prints a warning).")
+@click.pass_context
+def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
+    """Run the web server (waitress)."""
+    settings = settings_from(ctx, host=host, port=port, threads=threads)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    master_key = load_key_file(settings.key_path)
+    if not _is_loopback(settings.host):
+        if not settings.trusted_proxy and not insecure_http:
+            raise CliError(f"refusing to listen on {settings.host} without TLS: set trusted_proxy "
+                           "to your TLS reverse proxy, or pass --insecure-http for a test")
+        if insecure_http and not settings.trusted_proxy:
+            click.echo(f"WARNING: serving plain HTTP on {settings.host}; passwords and images "
+                       "cross the network unencrypted", err=True)
+    engine, _ = open_database(settings)
+    engine.dispose()
+
+    import waitress
+
+    from onprem_label.app import create_app
+
+    app = create_app(settings, master_key=master_key)
+    proxy = {}
+    if settings.trusted_proxy:
+        proxy = {"trusted_proxy": settings.trusted_proxy, "trusted_proxy_count": 1,
+                 "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto",
+                                           "x-forwarded-host", "x-forwarded-port"},
+                 "clear_untrusted_proxy_headers": True}
+    try:
+        server = waitress.create_server(app, host=settings.host, port=settings.port,
+                                        threads=settings.threads, ident="onprem-label", **proxy)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(f"port {settings.port} on {settings.host} is already in use") from None
+        raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    click.echo(f"onprem-label {__version__} serving on http://{shown}:{server.effective_port}/ "
+               f"(data {settings.data_path}); Ctrl+C stops", err=False)
+    sys.stdout.flush()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+@cli.group()
+def db() -> None:
+    """Database schema: upgrade, current revision, check."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply every pending migration."""
+    settings = settings_from(ctx.parent)
+    engine, _ = open_database(settings, require_head=False)
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        click.echo(f"database upgraded from {before or 'empty'} to {migrate.current_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the database's revision and the code's head."""
+    settings = settings_from(ctx.parent)
+    engine, _ = open_database(settings, require_head=False)
+    try:
+        click.echo(f"current: {migrate.current_revision(engine) or 'empty'}")
+        click.echo(f"head: {migrate.head_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
+@db.command("check")
+@click.pass_context
+def db_check(ctx: click.Context) -> None:
+    """Exit 0 when the database is at head, 1 (naming the fix) when not."""
+    settings = settings_from(ctx.parent)
+    engine, _ = open_database(settings, require_head=False)
+    try:
+        at_head, message = migrate.schema_status(engine)
+    finally:
+        engine.dispose()
+    if not at_head:
+        raise CliError(message)
+    click.echo(message)
+
+
+from onprem_label.cli_accounts import config_group, token_group, user_group  # noqa: E402
+
+cli.add_command(user_group)
+cli.add_command(token_group)
+cli.add_command(config_group)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="onprem-label")

@@ -1,0 +1,1 @@
+"""Web layer: thin Flask handlers (HTML pages and the JSON API) over the core packages."""

@@ -1,0 +1,51 @@
+"""One place that turns errors into answers: JSON under /api, a plain page elsewhere, no traces."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify, render_template
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from onprem_label.auth.errors import AuthError, UnknownUser, UserExists
+from onprem_label.auth.tokens import UnknownToken
+from onprem_label.web.context import is_api_request, request_id
+
+log = logging.getLogger("onprem_label.web")
+
+# Domain errors -> HTTP status. Anything not listed is a 422 (the request made no sense).
+STATUS_OF = {UnknownUser: 404, UnknownToken: 404, UserExists: 409}
+
+
+def error_response(status: int, code: str, message: str):
+    """A JSON or HTML error answer, by where the request went."""
+    if is_api_request():
+        response = jsonify({"error": {"code": code, "message": message}})
+        response.status_code = status
+        return response
+    return render_template("error.html", status=status, message=message,
+                           request_id=request_id()), status
+
+
+def _http_error(exc: HTTPException):
+    code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
+    return error_response(exc.code or 500, code, exc.description or exc.name)
+
+
+def _auth_error(exc: AuthError):
+    return error_response(STATUS_OF.get(type(exc), 422), exc.code, str(exc))
+
+
+def _unexpected(exc: Exception):
+    # Log the trace for the operator (with the request id); the client sees neither.
+    log.exception("unhandled error, request %s", request_id())
+    return error_response(500, "internal_error",
+                          f"Something went wrong on the server (request {request_id()}).")
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers."""
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(AuthError, _auth_error)
+    app.register_error_handler(InternalServerError, _unexpected)
+    app.register_error_handler(Exception, _unexpected)

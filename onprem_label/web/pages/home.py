@@ -1,0 +1,54 @@
+"""Landing pages per role."""
+
+from __future__ import annotations
+
+from flask import Blueprint, redirect, render_template, url_for
+from flask_login import current_user
+from sqlalchemy import select
+
+from onprem_label.auth.roles import Permission, landing_endpoint
+from onprem_label.db.models import AuditEvent, Project, ProjectMember
+from onprem_label.web.context import db
+from onprem_label.web.login import require
+
+bp = Blueprint("home", __name__)
+
+
+@bp.route("/")
+@require()
+def index():
+    """Send each user to the page of their role."""
+    return redirect(url_for(landing_endpoint(current_user.role_set)))
+
+
+@bp.route("/work")
+@require(Permission.LABEL)
+def work():
+    """Labelers and reviewers: the projects they are members of."""
+    rows = db().execute(select(Project, ProjectMember.role).join(ProjectMember)
+                        .where(ProjectMember.user_id == current_user.id)
+                        .order_by(Project.name)).all()
+    return render_template("home/work.html", memberships=rows)
+
+
+@bp.route("/projects")
+@require(Permission.MANAGE_PROJECTS)
+def manager():
+    """Managers: every project."""
+    projects = db().scalars(select(Project).order_by(Project.name)).all()
+    return render_template("home/manager.html", projects=projects)
+
+
+@bp.route("/audit-log")
+@require(Permission.READ_AUDIT)
+def auditor():
+    """Auditors: the latest events (search, verify and export come with the audit trail)."""
+    events = db().scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(100)).all()
+    return render_template("home/auditor.html", events=events)
+
+
+@bp.route("/welcome")
+@require()
+def no_role():
+    """A user without roles: say so, rather than show an empty page."""
+    return render_template("home/no_role.html")
