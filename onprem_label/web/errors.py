@@ -23,8 +23,12 @@ def error_response(status: int, code: str, message: str):
         response = jsonify({"error": {"code": code, "message": message}})
         response.status_code = status
         return response
-    return render_template("error.html", status=status, message=message,
-                           request_id=request_id()), status
+    try:
+        return render_template("error.html", status=status, message=message,
+                               request_id=request_id()), status
+    except Exception:  # the page itself failed: still answer, plainly
+        log.exception("error page failed to render")
+        return f"Error {status}: {message}", status, {"Content-Type": "text/plain; charset=utf-8"}
 
 
 def _http_error(exc: HTTPException):
