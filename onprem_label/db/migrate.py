@@ -6,6 +6,7 @@ from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
+from alembic.util import CommandError
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
@@ -40,12 +41,20 @@ def schema_status(engine: Engine) -> tuple[bool, str]:
     current, head = current_revision(engine), head_revision(engine)
     if current == head:
         return True, f"database at head ({head})"
-    script = ScriptDirectory.from_config(alembic_config(engine))
-    if current is not None and script.get_revision(current) is None:
+    if current is not None and not _known_revision(engine, current):
         return False, (f"database is at revision {current}, newer than this version of "
                        f"onprem-label knows (head {head}); upgrade the software")
     return False, (f"database is at revision {current or 'none (empty)'}, not at head {head}; "
                    f"run '{UPGRADE_COMMAND}'")
+
+
+def _known_revision(engine: Engine, revision: str) -> bool:
+    """True when the installed code has a migration with this id."""
+    script = ScriptDirectory.from_config(alembic_config(engine))
+    try:
+        return script.get_revision(revision) is not None
+    except CommandError:  # alembic raises for ids it cannot resolve
+        return False
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

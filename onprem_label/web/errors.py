@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, render_template
+from flask import Flask, g, jsonify, render_template
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from onprem_label.auth.errors import AuthError, UnknownUser, UserExists
@@ -18,7 +18,10 @@ STATUS_OF = {UnknownUser: 404, UnknownToken: 404, UserExists: 409}
 
 
 def error_response(status: int, code: str, message: str):
-    """A JSON or HTML error answer, by where the request went."""
+    """A JSON or HTML error answer, by where the request went; the failed work is rolled back."""
+    session = g.get("db")
+    if session is not None:
+        session.rollback()
     if is_api_request():
         response = jsonify({"error": {"code": code, "message": message}})
         response.status_code = status

@@ -14,6 +14,7 @@ from datetime import timedelta
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy import update
 from werkzeug.datastructures import CallbackDict
 
 from onprem_label.auth import sessions as core_sessions
@@ -83,10 +84,12 @@ class ServerSessionInterface(SessionInterface):
         secure, samesite = self.get_cookie_secure(app), self.get_cookie_samesite(app)
         if session.row is not None and not session.ended:
             if session.modified:
-                dbs = db()
-                row = dbs.merge(session.row)
-                row.data = dict(session)
-                dbs.commit()
+                # A session of its own: whatever the handler left uncommitted (say, after an
+                # error) must not be committed along with the session data.
+                with services().sessionmaker() as own:
+                    own.execute(update(LoginSession).where(LoginSession.id == session.row.id)
+                                .values(data=dict(session)))
+                    own.commit()
             if session.modified or session.sid_is_new:
                 response.set_cookie(name, AUTH_PREFIX + session.sid, httponly=True, secure=secure,
                                     samesite=samesite, path=path, domain=domain)
