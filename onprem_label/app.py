@@ -7,6 +7,7 @@ from importlib.resources import files
 from typing import Callable
 
 from flask import Flask
+from werkzeug.routing import IntegerConverter
 
 from onprem_label.auth.accounts import LockoutPolicy
 from onprem_label.auth.ratelimit import AddressRateLimiter
@@ -21,6 +22,13 @@ from onprem_label.web.sessions import ServerSessionInterface
 
 SESSION_COOKIE = "olsession"
 MAX_FORM_BYTES = 1 << 20  # uploads get their own streamed limit (ingest issue)
+
+
+class RowIdConverter(IntegerConverter):
+    """`<id:name>` in a route: a row id. Out of range is a 404, not a database overflow (500)."""
+
+    def __init__(self, url_map):
+        super().__init__(url_map, min=1, max=2**31 - 1)  # ids are 32-bit INTEGER columns
 
 
 def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
@@ -55,11 +63,13 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
                                         timedelta(minutes=settings.address_rate_window_minutes)),
         head_revision=migrate.head_revision(engine),
     )
+    app.url_map.converters["id"] = RowIdConverter
     app.session_interface = ServerSessionInterface()
     app.teardown_appcontext(close_db)
 
-    # Order matters: who is calling, then CSRF (bearer calls are exempt), then the login gate.
+    # Order matters: who is calling, unstorable input, CSRF (bearer calls are exempt), the gate.
     login.init_app(app)
+    app.before_request(security.reject_nul_bytes)
     app.before_request(security.check_csrf)
     app.before_request(login.enforce_gate)
     security.init_app(app)

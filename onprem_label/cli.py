@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
 import sys
 
 import click
@@ -126,6 +127,31 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise CliError when host:port cannot be bound.
+
+    Checked before waitress starts its worker threads: when waitress itself fails to bind, it
+    leaves those threads and its sockets behind.
+    """
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for family, socktype, proto, _name, address in addresses:
+        try:
+            with socket.socket(family, socktype, proto) as probe:
+                # The same options waitress sets, so the probe fails exactly when waitress would.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(f"port {port} on {host} is already in use") from None
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 @cli.command()
 @click.option("--host", default=None, help="Address to bind. Default 127.0.0.1: only this machine "
               "can connect until a TLS reverse proxy is configured (trusted_proxy), because the "
@@ -140,6 +166,10 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
     settings = settings_from(ctx, host=host, port=port, threads=threads)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.log_level != "debug":
+        # Alembic logs two INFO lines per schema check (each start, each /healthz): noise that
+        # would also break the one-line rule for errors such as "port in use".
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     master_key = load_key_file(settings.key_path)
     if not _is_loopback(settings.host):
         if not settings.trusted_proxy and not insecure_http:
@@ -150,6 +180,7 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
                        "cross the network unencrypted", err=True)
     engine, _ = open_database(settings)
     engine.dispose()
+    _check_port_free(settings.host, settings.port)
 
     import waitress
 
@@ -236,5 +267,14 @@ cli.add_command(config_group)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="onprem-label")
+    """Console-script entry point: usage mistakes, like every other error, are one line."""
+    try:
+        result = cli.main(prog_name="onprem-label", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"error: {exc.format_message()} (see 'onprem-label --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        _fail(exc.format_message())
+    except click.Abort:
+        _fail("aborted")
+    sys.exit(result if isinstance(result, int) else 0)

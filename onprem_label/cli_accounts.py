@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import click
 
+from onprem_label.audit import AuditAction, record
 from onprem_label.auth import accounts, break_glass, sessions, tokens
 from onprem_label.clock import utcnow
 from onprem_label.config import REGISTRY, ROLES
@@ -39,13 +40,17 @@ def user_group() -> None:
 @click.option("--password", default=None,
               help="Initial password (asked for when omitted; it must be changed at first login).")
 @click.option("--display-name", default="", help="Name shown in the interface.")
+@click.option("--must-change/--no-must-change", default=True, show_default=True,
+              help="Require a password change at first login (turn off only for script accounts "
+                   "that use API tokens).")
 @click.pass_context
-def user_create(ctx, name, roles, password, display_name) -> None:
+def user_create(ctx, name, roles, password, display_name, must_change) -> None:
     """Create an account."""
     if password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     with _database(ctx) as db:
-        user = accounts.create_user(db, name, password, roles, display_name=display_name, now=utcnow())
+        user = accounts.create_user(db, name, password, roles, display_name=display_name,
+                                    must_change_password=must_change, now=utcnow())
     click.echo(f"created user {user.username} ({user.roles})")
 
 
@@ -68,8 +73,9 @@ def user_list(ctx, as_json: bool) -> None:
         click.echo(f"{r['username']:<24} {' '.join(r['roles']) or '-':<30} {state}")
 
 
-def _user_action(name: str, verb: str):
-    @user_group.command(name)
+def _user_action(name: str, help_text: str, verb):
+    # help= here, not __doc__ afterwards: click reads the help when the command is made.
+    @user_group.command(name, help=help_text)
     @click.argument("username")
     @click.pass_context
     def command(ctx, username):
@@ -81,21 +87,29 @@ def _user_action(name: str, verb: str):
     return command
 
 
-_user_action("disable", lambda db, u: (accounts.set_active(db, u, False, now=utcnow()),
-                                       f"disabled {u.username}; their sessions ended")[1]).__doc__ = \
-    "Disable an account and end its sessions."
-_user_action("enable", lambda db, u: (accounts.set_active(db, u, True, now=utcnow()),
-                                      f"enabled {u.username}")[1]).__doc__ = "Re-enable an account."
-_user_action("unlock", lambda db, u: (accounts.unlock(db, u, now=utcnow()),
-                                      f"unlocked {u.username}")[1]).__doc__ = "Lift a lockout."
-_user_action("reset-password", lambda db, u: "one-time password for {}: {}".format(
-    u.username, accounts.reset_password(db, u, now=utcnow()))).__doc__ = \
-    "Set a new one-time password (printed) that must be changed at next login."
-_user_action("end-sessions", lambda db, u: "ended {} sessions of {}".format(
-    sessions.end_user_sessions(db, u.id), u.username)).__doc__ = "Log a user out everywhere."
-_user_action("break-glass", lambda db, u: "break-glass code for {} (one use, 1 hour; use at "
-             "/login/break-glass): {}".format(u.username, break_glass.issue_code(db, u, now=utcnow()))
-             ).__doc__ = "Issue a one-time emergency login code for an admin (audited)."
+def _end_sessions(db, user) -> str:
+    count = sessions.end_user_sessions(db, user.id)
+    record(db, AuditAction.USER_SESSIONS_END, object_type="user", object_id=user.id,
+           details={"username": user.username, "sessions": count}, now=utcnow())
+    return f"ended {count} sessions of {user.username}"
+
+
+_user_action("disable", "Disable an account and end its sessions.",
+             lambda db, u: (accounts.set_active(db, u, False, now=utcnow()),
+                            f"disabled {u.username}; their sessions ended")[1])
+_user_action("enable", "Re-enable an account.",
+             lambda db, u: (accounts.set_active(db, u, True, now=utcnow()),
+                            f"enabled {u.username}")[1])
+_user_action("unlock", "Lift a lockout.",
+             lambda db, u: (accounts.unlock(db, u, now=utcnow()), f"unlocked {u.username}")[1])
+_user_action("reset-password",
+             "Set a new one-time password (printed) that must be changed at next login.",
+             lambda db, u: "one-time password for {}: {}".format(
+                 u.username, accounts.reset_password(db, u, now=utcnow())))
+_user_action("end-sessions", "Log a user out everywhere.", _end_sessions)
+_user_action("break-glass", "Issue a one-time emergency login code for an admin (audited).",
+             lambda db, u: "break-glass code for {} (one use, 1 hour; use at /login/break-glass): {}"
+             .format(u.username, break_glass.issue_code(db, u, now=utcnow())))
 
 
 @click.group("token")

@@ -114,6 +114,25 @@ def database_url(backend, request, tmp_path):
 
 
 @pytest.fixture
+def empty_database_url(backend, request):
+    """A fresh database with no tables at all, private to this test ('' = SQLite in the data dir).
+
+    For SQLite nothing is created: the database is the data directory's default file, made by
+    whatever first opens it.
+    """
+    if backend == "sqlite":
+        yield ""
+        return
+    admin, _template = request.getfixturevalue("pg_template")
+    name = f"onprem_e_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
 def settings(tmp_path, database_url):
     """Settings for a test: its own data directory and database, no machine environment."""
     data = tmp_path / "data"
@@ -198,10 +217,10 @@ def auth(client):
             return login(client, username, password, **kw)
 
         def logout(self):
-            token = csrf_from(client, "/")
+            token = csrf_from(client, "/account/password")
             return client.post("/logout", data={"csrf_token": token})
 
-        def csrf(self, path: str = "/") -> str:
+        def csrf(self, path: str = "/account/password") -> str:
             return csrf_from(client, path)
 
     return Auth()

@@ -122,10 +122,18 @@ def authenticate(db: Session, username: str, password: str, *, policy: LockoutPo
         record(db, AuditAction.LOGIN_FAILED, actor=user, object_type="user", object_id=user.id,
                outcome="denied", details={"reason": "account_disabled"}, context=context, now=now)
         return None
-    user.failed_logins, user.last_failed_at, user.locked_until = 0, None, None
+    if not user.totp_enabled:
+        # With a second factor, failures are forgiven only once it passes too (clear_failures):
+        # else re-entering the password between code guesses would dodge the lockout.
+        clear_failures(user)
     if passwords.needs_rehash(user.password_hash):
         user.password_hash = passwords.hash_password(password)
     return user
+
+
+def clear_failures(user: User) -> None:
+    """Forget counted failures after a complete login (password and, if enrolled, second factor)."""
+    user.failed_logins, user.last_failed_at, user.locked_until = 0, None, None
 
 
 def register_failure(db: Session, user: User, reason: str, *, policy: LockoutPolicy,

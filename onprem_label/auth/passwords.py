@@ -46,12 +46,14 @@ def hash_password(password: str) -> str:
 
 def verify_password(password: str, encoded: str) -> bool:
     """True when `password` matches `encoded`; constant-time comparison, False on malformed hashes."""
+    if len(password) > MAX_LENGTH:
+        return False  # no stored password is longer; comparing a cut-down copy would truncate
     try:
         scheme, log_n, r, p, salt, digest = encoded.split("$")
         if scheme != "scrypt":
             return False
         expected = _unb64(digest)
-        actual = _scrypt(password[:MAX_LENGTH], _unb64(salt), int(log_n), int(r), int(p))
+        actual = _scrypt(password, _unb64(salt), int(log_n), int(r), int(p))
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(actual, expected)

@@ -68,7 +68,8 @@ def request_id() -> str:
 def audit_context() -> AuditContext:
     """Client address, user agent and request id of the current request."""
     return AuditContext(client_addr=request.remote_addr or "",
-                        user_agent=request.headers.get("User-Agent", "")[:300],
+                        # NUL cannot be stored in PostgreSQL text; the header is only informative.
+                        user_agent=request.headers.get("User-Agent", "").replace("\x00", "")[:300],
                         request_id=request_id())
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify, render_template
+from flask import Flask, g, jsonify, make_response, render_template
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from onprem_label.auth.errors import AuthError, UnknownUser, UserExists
@@ -36,7 +36,11 @@ def error_response(status: int, code: str, message: str):
 
 def _http_error(exc: HTTPException):
     code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
-    return error_response(exc.code or 500, code, exc.description or exc.name)
+    response = make_response(error_response(exc.code or 500, code, exc.description or exc.name))
+    for name, value in exc.get_headers():  # e.g. Allow on a 405, which HTTP requires
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def _auth_error(exc: AuthError):

@@ -6,9 +6,10 @@ import hmac
 import secrets
 
 from flask import Flask, Response, abort, g, request, session
+from flask.json.provider import DefaultJSONProvider
 
 from onprem_label.audit import AuditAction, record
-from onprem_label.web.context import audit_context, db, now, request_id, services
+from onprem_label.web.context import audit_context, db, is_api_request, now, request_id, services
 
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
@@ -33,6 +34,10 @@ def check_csrf() -> None:
     """
     if request.method in SAFE_METHODS or g.get("auth_via_token"):
         return
+    if is_api_request() and request.headers.get("Authorization", "").startswith("Bearer "):
+        # A bad or revoked token: the login check answers 401. Browsers never attach this
+        # header on their own, so it carries no ambient authority to forge.
+        return
     expected = session.get("csrf")
     sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
     if expected and sent and hmac.compare_digest(str(sent), expected):
@@ -45,6 +50,46 @@ def check_csrf() -> None:
     dbs.commit()
     abort(403, description="The form has expired or did not come from this site. "
                            "Reload the page and try again.")
+
+
+class GuardedJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, except that nesting too deep to parse is a malformed body, not a 500."""
+
+    def loads(self, s, **kwargs):
+        """Parse JSON; RecursionError becomes the ValueError that request.get_json handles."""
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
+def _has_nul(value) -> bool:
+    stack = [value]  # a loop, not recursion: any depth the parser accepted is walked safely
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def reject_nul_bytes() -> None:
+    """before_request: a NUL character in the path, query, form or JSON is a 400.
+
+    PostgreSQL cannot store NUL in text, so such input would otherwise end in a 500 wherever
+    it reached the database (a lookup, an audit row).
+    """
+    sources = [request.args] + ([request.form] if request.method not in SAFE_METHODS else [])
+    fields = [request.path] + [item for source in sources for key, values in source.lists()
+                               for item in (key, *values)]
+    if request.method not in SAFE_METHODS and request.is_json:
+        fields.append(request.get_json(silent=True))
+    if any(_has_nul(field) for field in fields):
+        abort(400, description="The request contains a NUL character, which no field may hold.")
 
 
 def add_security_headers(response: Response) -> Response:
@@ -68,6 +113,7 @@ def add_security_headers(response: Response) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """Register the hooks and the csrf_token template global."""
+    """Register the hooks, the guarded JSON parser and the csrf_token template global."""
+    app.json = GuardedJSONProvider(app)
     app.after_request(add_security_headers)
     app.jinja_env.globals["csrf_token"] = csrf_token

@@ -14,7 +14,7 @@ from datetime import timedelta
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import update
+from sqlalchemy import inspect, update
 from werkzeug.datastructures import CallbackDict
 
 from onprem_label.auth import sessions as core_sessions
@@ -84,12 +84,16 @@ class ServerSessionInterface(SessionInterface):
         secure, samesite = self.get_cookie_secure(app), self.get_cookie_samesite(app)
         if session.row is not None and not session.ended:
             if session.modified:
-                # A session of its own: whatever the handler left uncommitted (say, after an
-                # error) must not be committed along with the session data.
-                with services().sessionmaker() as own:
-                    own.execute(update(LoginSession).where(LoginSession.id == session.row.id)
-                                .values(data=dict(session)))
-                    own.commit()
+                # Whatever the handler left uncommitted (say, after an error) must not be
+                # committed along with the session data, so it is rolled back first. The same
+                # session is reused: a second connection would wait forever on SQLite for the
+                # write lock this request's open transaction holds (BEGIN IMMEDIATE).
+                row_id = inspect(session.row).identity[0]  # known even if the row is expired
+                dbs = db()
+                dbs.rollback()
+                dbs.execute(update(LoginSession).where(LoginSession.id == row_id)
+                            .values(data=dict(session)))
+                dbs.commit()
             if session.modified or session.sid_is_new:
                 response.set_cookie(name, AUTH_PREFIX + session.sid, httponly=True, secure=secure,
                                     samesite=samesite, path=path, domain=domain)

@@ -47,7 +47,7 @@ def create_token():
     """Make a token for the caller; the secret is in this answer and nowhere else."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("name", ""), str):
-        return error_response(400, "bad_request", "Send a JSON object like {\"name\": \"...\"}.")
+        return error_response(422, "invalid_body", "Send a JSON object like {\"name\": \"...\"}.")
     dbs = db()
     user = dbs.merge(current_user._get_current_object())
     secret, row = tokens.create_token(dbs, user, body.get("name", ""), context=audit_context(),
@@ -56,7 +56,7 @@ def create_token():
     return jsonify({"token": secret, **_token_json(row)}), 201
 
 
-@bp.delete("/tokens/<int:token_id>")
+@bp.delete("/tokens/<id:token_id>")
 @require()
 def revoke_token(token_id: int):
     """Revoke one of the caller's tokens."""

@@ -56,7 +56,7 @@ def create_user():
                            sessions=[], tokens=[], now=now())
 
 
-@bp.route("/users/<int:user_id>", methods=["GET"])
+@bp.route("/users/<id:user_id>", methods=["GET"])
 @require(Permission.MANAGE_USERS)
 def user_detail(user_id: int):
     """One account: roles, state, live sessions and tokens."""
@@ -66,7 +66,7 @@ def user_detail(user_id: int):
                            tokens=tokens.list_tokens(db(), user))
 
 
-@bp.route("/users/<int:user_id>/<action>", methods=["POST"])
+@bp.route("/users/<id:user_id>/<action>", methods=["POST"])
 @require(Permission.MANAGE_USERS)
 def user_action(user_id: int, action: str):
     """Apply one admin action to an account and come back to its page."""

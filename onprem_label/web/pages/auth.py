@@ -55,7 +55,7 @@ def _finish_login(user, *, break_glass_login: bool = False):
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     """Username and password; then the second factor if the account has one."""
-    if request.method == "GET":
+    if request.method != "POST":  # HEAD too: it must never reach the POST branch
         if current_user.is_authenticated:
             return redirect(url_for(landing_endpoint(current_user.role_set)))
         session["next"] = safe_next(request.args.get("next"))
@@ -85,7 +85,7 @@ def login_totp():
     if not pending or now() - started > PENDING_TTL:
         session.pop("pending", None)
         return redirect(url_for("auth.login"))
-    if request.method == "GET":
+    if request.method != "POST":
         return render_template("login_totp.html")
     limited = _rate_limited()
     if limited:
@@ -95,6 +95,7 @@ def login_totp():
     at = now()
     locked = user is None or not user.active or (user.locked_until and user.locked_until > at)
     if not locked and totp.verify(user, services().totp_key, request.form.get("code", ""), now=at):
+        accounts.clear_failures(user)
         session.pop("pending", None)
         return _finish_login(user)
     if user is not None and not locked:
@@ -110,7 +111,7 @@ def login_totp():
 @bp.route("/login/break-glass", methods=["GET", "POST"])
 def break_glass_login():
     """Emergency admin login with a one-time code issued at the server console."""
-    if request.method == "GET":
+    if request.method != "POST":
         return render_template("break_glass.html")
     limited = _rate_limited()
     if limited:
@@ -148,7 +149,7 @@ def logout():
 def change_password():
     """Change one's own password (needs the current one); all sessions end, this one renews."""
     forced = current_user.must_change_password
-    if request.method == "GET":
+    if request.method != "POST":
         return render_template("password.html", forced=forced)
     new, confirm = request.form.get("new_password", ""), request.form.get("confirm_password", "")
     if new != confirm:
@@ -170,21 +171,24 @@ def change_password():
 @bp.route("/account/totp", methods=["GET", "POST"])
 @require()
 def totp_enrol():
-    """Enrol an authenticator app: show the secret, check one code, show recovery codes once."""
+    """Enrol an authenticator app: start (new secret shown), check one code, show recovery codes once.
+
+    Only POSTs change state: opening the page never replaces a secret being set up.
+    """
     dbs = db()
     user = dbs.merge(current_user._get_current_object())
-    if request.method == "GET":
-        if user.totp_enabled:
-            return render_template("totp_enrol.html", enabled=True)
-        secret, uri = totp.begin_enrolment(user, services().totp_key)
-        dbs.commit()
-        return render_template("totp_enrol.html", secret=secret, uri=uri)
+    if request.method != "POST":
+        return render_template("totp_enrol.html", enabled=user.totp_enabled)
     if user.totp_enabled:
         abort(409, description="A second factor is already enrolled; an admin can reset it.")
+    if request.form.get("action") == "start":
+        secret, uri = totp.begin_enrolment(user, services().totp_key)
+        dbs.commit()
+        return render_template("totp_enrol.html", secret=secret, uri=uri, started=True)
     try:
         codes = totp.confirm_enrolment(dbs, user, services().totp_key, request.form.get("code", ""),
                                        context=audit_context(), now=now())
     except AuthError as exc:
-        return render_template("totp_enrol.html", error=str(exc), retry=True), 422
+        return render_template("totp_enrol.html", error=str(exc), started=True), 422
     dbs.commit()
     return render_template("totp_enrol.html", recovery_codes=codes, enabled=True)
