@@ -8,6 +8,13 @@ from onprem_label.db.base import Base
 config = context.config
 
 
+def render_item(type_, obj, autogen_context):
+    """Autogenerate writes UTCDateTime as plain sa.DateTime: revisions must not import models."""
+    if type_ == "type" and obj.__class__.__name__ == "UTCDateTime":
+        return "sa.DateTime()"
+    return False
+
+
 def run_migrations_online() -> None:
     """Run migrations on the engine the caller configured (see onprem_label.db.migrate)."""
     engine = config.attributes["engine"]
@@ -16,6 +23,7 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=Base.metadata,
             compare_type=True,
+            render_item=render_item,
             # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
             render_as_batch=connection.dialect.name == "sqlite",
         )

@@ -15,7 +15,7 @@ from onprem_label.auth.sessions import SessionPolicy
 from onprem_label.clock import utcnow
 from onprem_label.config import Settings, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
-from onprem_label.storage.keys import derive_key, load_key_file
+from onprem_label.storage import Keyring, open_keyring, open_store
 from onprem_label.web import errors, login, security
 from onprem_label.web.context import Services, close_db
 from onprem_label.web.sessions import ServerSessionInterface
@@ -32,16 +32,16 @@ class RowIdConverter(IntegerConverter):
 
 
 def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
-               master_key: bytes | None = None) -> Flask:
-    """Build the app. Raises KeyFileError for a missing or bad key; does no other I/O but connect."""
+               keyring: Keyring | None = None) -> Flask:
+    """Build the app. Raises KeyFileError for a missing or wrong key; does no other I/O but connect."""
     settings = settings or load_settings()
-    if master_key is None:
-        master_key = load_key_file(settings.key_path)
+    if keyring is None:
+        keyring = open_keyring(settings)
     web = files("onprem_label.web")
     app = Flask("onprem_label", template_folder=str(web / "templates"),
                 static_folder=str(web / "static"))
     app.config.update(
-        SECRET_KEY=derive_key(master_key, "flask-signing"),
+        SECRET_KEY=keyring.purpose_key("flask-signing"),
         SESSION_COOKIE_NAME=("__Host-" if settings.https else "") + SESSION_COOKIE,
         SESSION_COOKIE_SECURE=settings.https,
         SESSION_COOKIE_HTTPONLY=True,
@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
     engine = make_engine(settings.effective_database_url)
     app.extensions["onprem_label"] = Services(
         settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), clock=clock,
-        totp_key=derive_key(master_key, "totp-secrets"),
+        totp_key=keyring.purpose_key("totp-secrets"),
+        store=open_store(settings, keyring),
         lockout=LockoutPolicy.from_settings(settings),
         session_policy=SessionPolicy.from_settings(settings),
         rate_limiter=AddressRateLimiter(settings.address_rate_limit,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import sys
 
@@ -18,7 +19,8 @@ from onprem_label.auth.errors import AuthError
 from onprem_label.clock import utcnow
 from onprem_label.config import Settings, SettingsError, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
-from onprem_label.storage.keys import KeyFileError, create_key_file, load_key_file
+from onprem_label.storage import PASSPHRASE_ENV, init_keyring, open_keyring, open_store
+from onprem_label.storage.keys import KeyFileError
 
 DB_FILE_NAME = "onprem-label.db"
 
@@ -49,6 +51,17 @@ def _fail(message: str) -> None:
 def settings_from(ctx: click.Context, **explicit) -> Settings:
     """Settings with the group's --data-dir and a command's own flags as explicit values."""
     return load_settings({"data_dir": ctx.obj.get("data_dir"), **explicit})
+
+
+def ask_passphrase(settings: Settings, *, confirm: bool = False) -> str | None:
+    """The master key passphrase, from the environment or asked on a terminal; None in file mode."""
+    if settings.key_source != "passphrase":
+        return None
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    if not sys.stdin.isatty():
+        raise CliError(f"key_source is 'passphrase': set {PASSPHRASE_ENV} (no terminal to ask on)")
+    return click.prompt("Master key passphrase", hide_input=True, confirmation_prompt=confirm)
 
 
 def open_database(settings: Settings, *, require_head: bool = True):
@@ -83,14 +96,11 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 def init(ctx: click.Context, admin_name: str, demo: bool) -> None:
     """Create the data directory, the master key, the database and the first admin (once)."""
     settings = settings_from(ctx)
-    key_path = settings.key_path
-    if key_path.exists():
-        load_key_file(key_path)  # a broken key stops us before anything is written
     data = settings.data_path
-    data.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if create_key_file(key_path):
-        click.echo(f"created master key {key_path} (mode 0600) - keep a copy off this machine; "
-                   "without it the encrypted data cannot be read")
+    keyring, notes = init_keyring(settings, passphrase=ask_passphrase(settings, confirm=True))
+    for note in notes:
+        click.echo(note)
+    open_store(settings, keyring).root.mkdir(mode=0o700, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
     try:
         before = migrate.current_revision(engine)
@@ -170,8 +180,12 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
         # Alembic logs two INFO lines per schema check (each start, each /healthz): noise that
         # would also break the one-line rule for errors such as "port in use".
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    master_key = load_key_file(settings.key_path)
+    keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
     if not _is_loopback(settings.host):
+        if settings.trusted_proxy and _is_loopback(settings.trusted_proxy) and not insecure_http:
+            raise CliError(f"refusing to listen on {settings.host}: the TLS proxy "
+                           f"({settings.trusted_proxy}) is on this machine, so keep host on "
+                           "loopback; other machines must come through the proxy")
         if not settings.trusted_proxy and not insecure_http:
             raise CliError(f"refusing to listen on {settings.host} without TLS: set trusted_proxy "
                            "to your TLS reverse proxy, or pass --insecure-http for a test")
@@ -186,7 +200,7 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
 
     from onprem_label.app import create_app
 
-    app = create_app(settings, master_key=master_key)
+    app = create_app(settings, keyring=keyring)
     proxy = {}
     if settings.trusted_proxy:
         proxy = {"trusted_proxy": settings.trusted_proxy, "trusted_proxy_count": 1,
@@ -260,7 +274,10 @@ def db_check(ctx: click.Context) -> None:
 
 
 from onprem_label.cli_accounts import config_group, token_group, user_group  # noqa: E402
+from onprem_label.cli_storage import doctor, key_group  # noqa: E402
 
+cli.add_command(key_group)
+cli.add_command(doctor)
 cli.add_command(user_group)
 cli.add_command(token_group)
 cli.add_command(config_group)

@@ -7,8 +7,7 @@ from contextlib import contextmanager
 
 import click
 
-from onprem_label.audit import AuditAction, record
-from onprem_label.auth import accounts, break_glass, sessions, tokens
+from onprem_label.auth import accounts, break_glass, tokens
 from onprem_label.clock import utcnow
 from onprem_label.config import REGISTRY, ROLES
 
@@ -88,10 +87,8 @@ def _user_action(name: str, help_text: str, verb):
 
 
 def _end_sessions(db, user) -> str:
-    count = sessions.end_user_sessions(db, user.id)
-    record(db, AuditAction.USER_SESSIONS_END, object_type="user", object_id=user.id,
-           details={"username": user.username, "sessions": count}, now=utcnow())
-    return f"ended {count} sessions of {user.username}"
+    ended, revoked = accounts.end_everywhere(db, user, now=utcnow())
+    return f"ended {ended} sessions and revoked {revoked} API tokens of {user.username}"
 
 
 _user_action("disable", "Disable an account and end its sessions.",

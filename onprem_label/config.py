@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from typing import Any, Callable, Mapping
 ENV_PREFIX = "ONPREM_LABEL_"
 CONFIG_FILE_NAME = "onprem-label.toml"
 ROLES = ("admin", "manager", "labeler", "reviewer", "auditor")
+# Secrets read from the environment only, never from the config file or `config show`.
+PASSPHRASE_ENV = ENV_PREFIX + "KEY_PASSPHRASE"
+SECRET_ENV_VARS = (PASSPHRASE_ENV,)
 
 
 class SettingsError(ValueError):
@@ -37,6 +41,16 @@ class Setting:
         return ENV_PREFIX + self.name.upper()
 
 
+def _check_ip_address(value: str) -> str | None:
+    # Waitress reads "*" as "trust every peer": anyone could then forge X-Forwarded-For.
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return "expected the proxy's IP address (one literal address, no names or wildcards)"
+    return None
+
+
 def _check_database_url(value: str) -> str | None:
     if value and not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         return "expected a sqlite:/// or postgresql+psycopg:// URL"
@@ -54,13 +68,21 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("key_file", "path", "",
             "Master key file (32 random bytes, mode 0600). Empty means '<data_dir>.key', "
             "beside the data directory, so a copy of the data directory alone holds no key."),
+    Setting("key_source", "str", "file",
+            "Where the master key comes from: 'file' (key_file) or 'passphrase' (derived with "
+            "scrypt from ONPREM_LABEL_KEY_PASSPHRASE, or asked for at start-up).",
+            choices=("file", "passphrase")),
+    Setting("blob_chunk_size", "int", 1 << 20,
+            "Plaintext bytes per encrypted chunk of newly stored blobs (ranged reads fetch whole "
+            "chunks).", minimum=1 << 10, maximum=1 << 26),
     Setting("host", "str", "127.0.0.1",
             "Address to listen on. Anything but loopback needs trusted_proxy or --insecure-http."),
     Setting("port", "int", 8080, "TCP port to listen on.", minimum=1, maximum=65535),
     Setting("threads", "int", 8, "Worker threads of the waitress server.", minimum=1, maximum=256),
     Setting("trusted_proxy", "str", "",
             "Address of the TLS reverse proxy whose X-Forwarded-* headers are trusted "
-            "(e.g. 127.0.0.1). Empty: no proxy is trusted."),
+            "(e.g. 127.0.0.1). Empty: no proxy is trusted. Needs https = true.",
+            check=_check_ip_address),
     Setting("https", "bool", False,
             "Set when users reach the server over TLS (through the proxy): cookies get "
             "Secure and the __Host- prefix, and HSTS is sent."),
@@ -247,6 +269,10 @@ def load_settings(explicit: Mapping[str, Any] | None = None,
     if settings.https and not settings.trusted_proxy:
         raise SettingsError(f"setting 'https' from {sources['https']}: needs trusted_proxy "
                             "(the server speaks plain HTTP; TLS ends at the proxy)")
+    if settings.trusted_proxy and not settings.https:
+        raise SettingsError(f"setting 'trusted_proxy' from {sources['trusted_proxy']}: needs "
+                            "https = true (the proxy is there to end TLS; without it cookies "
+                            "would lose Secure)")
     return settings
 
 

@@ -17,6 +17,8 @@ from onprem_label.auth import passwords
 from onprem_label.config import load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.models import User
+from onprem_label.storage.format import key_id_of
+from onprem_label.storage.keyring import Keyring
 
 PG_ADMIN_URL = os.environ.get("ONPREM_LABEL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 PASSWORD = "correct horse battery staple"
@@ -141,15 +143,17 @@ def settings(tmp_path, database_url):
 
 
 @pytest.fixture
-def master_key() -> bytes:
-    """A random master key (the key file is tested on its own)."""
-    return os.urandom(32)
+def keyring() -> Keyring:
+    """A keyring with one random master key (key files and keyring.json are tested on their own)."""
+    master = os.urandom(32)
+    key_id = key_id_of(master)
+    return Keyring({key_id: master}, key_id, os.urandom(32))
 
 
 @pytest.fixture
-def app(settings, clock, master_key):
+def app(settings, clock, keyring):
     """The app on a fresh database, with the fake clock."""
-    application = create_app(settings, clock=clock, master_key=master_key)
+    application = create_app(settings, clock=clock, keyring=keyring)
     application.config["TESTING"] = True
     yield application
     application.extensions["onprem_label"].engine.dispose()

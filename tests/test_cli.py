@@ -23,6 +23,7 @@ from onprem_label.clock import utcnow
 from onprem_label.config import CONFIG_FILE_NAME, ENV_PREFIX, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.models import ApiToken, AuditEvent, LoginSession, Project, User
+from onprem_label.storage import init_keyring
 from onprem_label.storage.keys import create_key_file
 
 PW = "a perfectly fine passphrase"
@@ -117,8 +118,9 @@ def site(tmp_path, database_url) -> Site:
 
 @pytest.fixture
 def keyed_site(site) -> Site:
-    """`site` with its master key in place (what `serve` needs besides the database)."""
-    create_key_file(site.key_path)
+    """`site` with its master key and keyring in place (what `serve` needs besides the database)."""
+    site.data.mkdir(mode=0o700, exist_ok=True)
+    init_keyring(site.settings)
     return site
 
 
@@ -406,8 +408,13 @@ def test_user_break_glass_for_an_admin(site):
     code = result.stdout.strip().rsplit(": ", 1)[1]
     user = get_user(site, "root")
     assert user.break_glass_hash and code not in user.break_glass_hash
-    assert break_glass.redeem_code(user, code, now=utcnow())
-    assert not break_glass.redeem_code(user, code, now=utcnow())
+
+    def redeem_twice(db):
+        root = db.scalar(select(User).where(User.username == "root"))
+        return (break_glass.redeem_code(db, root, code, now=utcnow()),
+                break_glass.redeem_code(db, root, code, now=utcnow()))
+    assert site.query(redeem_twice) == (True, False)
+    assert get_user(site, "root").break_glass_hash is None
 
 
 def test_user_break_glass_refused_for_non_admin(site):
@@ -577,11 +584,31 @@ def test_config_show_bad_value_is_one_line(tmp_path):
 
 # --- serve refusals --------------------------------------------------------------------------
 
-def test_serve_without_key_file(site, tmp_path):
-    """serve with no master key exits 1 naming the key file, and creates none."""
+def test_serve_without_key_file(keyed_site, tmp_path):
+    """serve with the master key file gone exits 1 naming the key file, and creates none."""
+    site = keyed_site
+    site.key_path.unlink()
     before = snapshot(tmp_path)
     assert_one_line_error(site.run("serve"), "master key file", str(site.key_path), "not found")
     assert snapshot(tmp_path) == before and not site.key_path.exists()
+
+
+def test_serve_without_keyring(site, tmp_path):
+    """serve on a data directory never initialised exits 1 saying to run init, writing nothing."""
+    site.data.mkdir(mode=0o700, exist_ok=True)
+    before = snapshot(tmp_path)
+    assert_one_line_error(site.run("serve"), "no keyring", "onprem-label init")
+    assert snapshot(tmp_path) == before
+
+
+def test_serve_with_a_foreign_key_file(keyed_site, tmp_path):
+    """A valid key file that belongs to another data directory is refused by key id; nothing written."""
+    site = keyed_site
+    site.key_path.unlink()
+    create_key_file(site.key_path)
+    before = snapshot(tmp_path)
+    assert_one_line_error(site.run("serve"), "does not belong to this data directory")
+    assert snapshot(tmp_path) == before
 
 
 def test_serve_with_key_readable_by_others(keyed_site):
@@ -622,7 +649,7 @@ def test_serve_refuses_an_empty_database(tmp_path, empty_database_url):
     site = Site(tmp_path / "data",
                 {"ONPREM_LABEL_DATABASE_URL": empty_database_url} if empty_database_url else {})
     site.data.mkdir(mode=0o700)
-    create_key_file(site.key_path)
+    init_keyring(site.settings)
     if not empty_database_url:
         (site.data / "onprem-label.db").touch()
     names = sorted(p.name for p in tmp_path.rglob("*"))
@@ -679,15 +706,23 @@ def test_serve_refuses_non_loopback_without_tls(keyed_site, host, how):
     assert_one_line_error(keyed_site.run(*args, env=env), host, "trusted_proxy", "--insecure-http")
 
 
+def test_serve_refuses_non_loopback_when_the_proxy_is_local(keyed_site):
+    """A proxy on loopback means nobody should reach the app directly: a wider bind is refused."""
+    result = keyed_site.run("serve", "--host", "0.0.0.0",
+                            env={"ONPREM_LABEL_TRUSTED_PROXY": "127.0.0.1", "ONPREM_LABEL_HTTPS": "true"})
+    assert_one_line_error(result, "0.0.0.0", "proxy", "loopback")
+
+
 def test_serve_non_loopback_allowed_behind_trusted_proxy(keyed_site):
-    """With trusted_proxy set the host check passes (serve goes on to bind; here the port is taken)."""
+    """With a remote trusted_proxy the host check passes (serve goes on to bind; here the port is taken)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("0.0.0.0", 0))
     sock.listen(1)
     port = sock.getsockname()[1]
     try:
         result = keyed_site.run("serve", "--host", "0.0.0.0", "--port", str(port),
-                                env={"ONPREM_LABEL_TRUSTED_PROXY": "127.0.0.1"})
+                                env={"ONPREM_LABEL_TRUSTED_PROXY": "192.0.2.10",
+                                     "ONPREM_LABEL_HTTPS": "true"})
     finally:
         sock.close()
     assert_one_line_error(result, f"port {port}", "already in use")

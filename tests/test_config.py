@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from onprem_label.cli import cli
-from onprem_label.config import (BY_NAME, CONFIG_FILE_NAME, ENV_PREFIX, REGISTRY, SettingsError,
+from onprem_label.config import (BY_NAME, CONFIG_FILE_NAME, ENV_PREFIX, REGISTRY, SECRET_ENV_VARS,
+                                 SettingsError,
                                  load_settings)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "onprem-label.toml.example"
@@ -85,7 +86,8 @@ def test_example_names_only_registry_settings():
     assigned = {m.group(1) for m in map(ASSIGNMENT_RE.match, _example_lines()) if m}
     assert assigned <= set(BY_NAME) - {"data_dir"}, assigned - set(BY_NAME)
     env_vars = set(re.findall(ENV_PREFIX + r"[A-Z0-9_]+", text))
-    assert env_vars <= {s.env_var for s in REGISTRY}, env_vars - {s.env_var for s in REGISTRY}
+    allowed = {s.env_var for s in REGISTRY} | set(SECRET_ENV_VARS)
+    assert env_vars <= allowed, env_vars - allowed
 
 
 def test_example_is_toml_as_shipped_and_when_uncommented():
@@ -140,7 +142,9 @@ def test_data_dir_from_env_locates_the_config_file(tmp_path):
     ("true", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("off", False)])
 def test_boolean_spellings_from_env(tmp_path, raw, expected):
     """Booleans from env accept the usual spellings."""
-    env = {"ONPREM_LABEL_HTTPS": raw, "ONPREM_LABEL_TRUSTED_PROXY": "127.0.0.1"}
+    env = {"ONPREM_LABEL_HTTPS": raw}
+    if expected:
+        env["ONPREM_LABEL_TRUSTED_PROXY"] = "127.0.0.1"  # https needs a proxy, and vice versa
     assert load_settings({"data_dir": str(tmp_path)}, env=env).https is expected
 
 
@@ -287,3 +291,18 @@ def test_config_show_does_not_create_the_data_dir(tmp_path):
     data = tmp_path / "data"
     result = CliRunner().invoke(cli, ["--data-dir", str(data), "config", "show"], env={})
     assert result.exit_code == 0 and not data.exists()
+
+
+@pytest.mark.parametrize("value", ["*", "proxy.example.internal", "127.0.0.1,10.0.0.1", "10.0.0.0/8"])
+def test_trusted_proxy_must_be_one_ip_address(tmp_path, value):
+    """trusted_proxy accepts one literal IP: '*' would let any client forge X-Forwarded-For."""
+    with pytest.raises(SettingsError, match="'trusted_proxy'.*IP address"):
+        load_settings({"data_dir": str(tmp_path), "trusted_proxy": value, "https": True}, env={})
+
+
+def test_trusted_proxy_needs_https(tmp_path):
+    """A TLS proxy without https = true is refused: cookies would lose Secure and HSTS."""
+    with pytest.raises(SettingsError, match="'trusted_proxy'.*needs https"):
+        load_settings({"data_dir": str(tmp_path), "trusted_proxy": "127.0.0.1"}, env={})
+    ok = load_settings({"data_dir": str(tmp_path), "trusted_proxy": "::1", "https": True}, env={})
+    assert ok.trusted_proxy == "::1" and ok.https is True

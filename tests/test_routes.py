@@ -312,10 +312,10 @@ def test_plain_http_cookie_flags(client, auth, make_user):
 
 
 @pytest.fixture
-def https_app(settings, clock, master_key):
+def https_app(settings, clock, keyring):
     """The app configured as served through a TLS proxy."""
     values = dict(settings.as_dict(), https=True, trusted_proxy="127.0.0.1")
-    application = create_app(load_settings(values, env={}), clock=clock, master_key=master_key)
+    application = create_app(load_settings(values, env={}), clock=clock, keyring=keyring)
     yield application
     application.extensions["onprem_label"].engine.dispose()
 

@@ -33,3 +33,5 @@ class AuditAction(StrEnum):
     TOKEN_REVOKE = "token:revoke"
 
     SYSTEM_INIT = "system:init"
+    KEY_ROTATE = "key:rotate"
+    STORAGE_REPAIR = "storage:repair"

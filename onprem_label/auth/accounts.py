@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from onprem_label.audit import AuditAction, AuditContext, record
 from onprem_label.audit.record import CONSOLE
-from onprem_label.auth import passwords, sessions
+from onprem_label.auth import passwords, sessions, tokens
 from onprem_label.auth.errors import (InvalidRole, InvalidUsername, PasswordPolicyError,
                                       UnknownUser, UserExists, WrongPassword)
 from onprem_label.config import ROLES
@@ -78,11 +78,13 @@ def create_user(db: Session, username: str, password: str, roles, *, actor: User
     """Create an account; by default its password must be changed at first login."""
     name = normalise_username(username)
     role_text = parse_roles(roles)
+    passwords.check_password_policy(password, name)
+    # Hash before the first query: on SQLite that query takes the write lock for the transaction.
+    password_hash = passwords.hash_password(password)
     if get_user(db, name) is not None:
         raise UserExists(f"user '{name}' already exists")
-    passwords.check_password_policy(password, name)
     user = User(username=name, display_name=display_name or name,
-                password_hash=passwords.hash_password(password), roles=role_text, active=True,
+                password_hash=password_hash, roles=role_text, active=True,
                 must_change_password=must_change_password, failed_logins=0, created_at=now,
                 password_changed_at=now, recovery_codes=[], totp_enabled=False)
     db.add(user)
@@ -155,20 +157,27 @@ def register_failure(db: Session, user: User, reason: str, *, policy: LockoutPol
                context=context, now=now)
 
 
-def change_password(db: Session, user: User, current: str, new: str, *,
+def change_password(db: Session, user: User, current: str, new: str, *, policy: LockoutPolicy,
                     context: AuditContext = CONSOLE, now: datetime) -> None:
-    """Change one's own password: the current one is required; every session of the user ends."""
+    """Change one's own password: the current one is required; every session of the user ends.
+
+    A wrong current password counts toward the lockout like a failed login, and reaching the
+    lockout ends the user's sessions: someone guessing from a stolen session is cut off.
+    """
     if not passwords.verify_password(current, user.password_hash):
         record(db, AuditAction.USER_PASSWORD_CHANGE, actor=user, object_type="user",
                object_id=user.id, outcome="failure", details={"reason": "wrong_current_password"},
                context=context, now=now)
+        register_failure(db, user, "wrong_current_password", policy=policy, context=context, now=now)
+        if user.locked_until is not None and user.locked_until > now:
+            sessions.end_user_sessions(db, user.id)
         raise WrongPassword("the current password is wrong")
     passwords.check_password_policy(new, user.username)
     if passwords.verify_password(new, user.password_hash):
         raise PasswordPolicyError("the new password must differ from the current one")
-    _set_password(db, user, new, must_change=False, now=now)
+    revoked = _set_password(db, user, new, must_change=False, now=now)
     record(db, AuditAction.USER_PASSWORD_CHANGE, actor=user, object_type="user", object_id=user.id,
-           context=context, now=now)
+           details={"tokens_revoked": revoked}, context=context, now=now)
 
 
 def reset_password(db: Session, user: User, new: str | None = None, *, actor: User | None = None,
@@ -176,18 +185,20 @@ def reset_password(db: Session, user: User, new: str | None = None, *, actor: Us
     """Admin reset: set a (generated) one-time password the user must change; returns it."""
     new = new or generate_password()
     passwords.check_password_policy(new, user.username)
-    _set_password(db, user, new, must_change=True, now=now)
+    revoked = _set_password(db, user, new, must_change=True, now=now)
     user.locked_until, user.failed_logins = None, 0
     record(db, AuditAction.USER_PASSWORD_RESET, actor=actor, object_type="user", object_id=user.id,
-           details={"username": user.username}, context=context, now=now)
+           details={"username": user.username, "tokens_revoked": revoked}, context=context, now=now)
     return new
 
 
-def _set_password(db: Session, user: User, new: str, *, must_change: bool, now: datetime) -> None:
+def _set_password(db: Session, user: User, new: str, *, must_change: bool, now: datetime) -> int:
+    """Store a new password; end the user's sessions and revoke their API tokens (returns how many)."""
     user.password_hash = passwords.hash_password(new)
     user.must_change_password = must_change
     user.password_changed_at = now
     sessions.end_user_sessions(db, user.id)
+    return tokens.revoke_user_tokens(db, user.id, now=now)
 
 
 def set_active(db: Session, user: User, active: bool, *, actor: User | None = None,
@@ -201,6 +212,17 @@ def set_active(db: Session, user: User, active: bool, *, actor: User | None = No
     record(db, AuditAction.USER_ENABLE if active else AuditAction.USER_DISABLE, actor=actor,
            object_type="user", object_id=user.id, details={"username": user.username},
            context=context, now=now)
+
+
+def end_everywhere(db: Session, user: User, *, actor: User | None = None,
+                   context: AuditContext = CONSOLE, now: datetime) -> tuple[int, int]:
+    """Log a user out everywhere: end every session and revoke every API token."""
+    ended = sessions.end_user_sessions(db, user.id)
+    revoked = tokens.revoke_user_tokens(db, user.id, now=now)
+    record(db, AuditAction.USER_SESSIONS_END, actor=actor, object_type="user", object_id=user.id,
+           details={"username": user.username, "sessions": ended, "tokens_revoked": revoked},
+           context=context, now=now)
+    return ended, revoked
 
 
 def unlock(db: Session, user: User, *, actor: User | None = None,
@@ -225,7 +247,9 @@ def set_roles(db: Session, user: User, roles, *, actor: User | None = None,
 
 def count_admins(db: Session) -> int:
     """Number of active users holding the admin role."""
-    users = db.scalars(select(User).where(User.active.is_(True), User.roles.contains("admin")))
+    # Locked rows: two admins disabling each other at once must not leave none (PostgreSQL).
+    users = db.scalars(select(User).where(User.active.is_(True), User.roles.contains("admin"))
+                       .with_for_update())
     return sum(1 for u in users if "admin" in u.role_set)
 
 

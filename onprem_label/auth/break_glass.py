@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from onprem_label.audit import AuditAction, AuditContext, record
@@ -30,17 +31,23 @@ def issue_code(db: Session, user: User, *, ttl: timedelta = DEFAULT_TTL,
     return code
 
 
-def redeem_code(user: User | None, code: str, *, now: datetime) -> bool:
+def redeem_code(db: Session, user: User | None, code: str, *, now: datetime) -> bool:
     """True (and the code used up) when `code` is the user's live break-glass code.
 
     It bypasses the lockout and the second factor, never the password: the caller checks that
-    separately. Always costs one hash, whether or not the user has a code.
+    separately. Always costs one hash, whether or not the user has a code. The code is spent
+    by a conditional UPDATE, so two requests racing with the same code cannot both win.
     """
     live = (user is not None and user.break_glass_hash is not None
             and user.break_glass_expires_at is not None and user.break_glass_expires_at > now
             and "admin" in user.role_set and user.active)
-    ok = passwords.verify_password(code or "", user.break_glass_hash if live else passwords.dummy_hash())
-    if live and ok:
-        user.break_glass_hash, user.break_glass_expires_at = None, None
-        return True
-    return False
+    stored = user.break_glass_hash if live else passwords.dummy_hash()
+    if not (passwords.verify_password(code or "", stored) and live):
+        return False
+    spent = db.execute(update(User).where(User.id == user.id, User.break_glass_hash == stored)
+                       .values(break_glass_hash=None, break_glass_expires_at=None)
+                       .execution_options(synchronize_session=False))
+    if spent.rowcount != 1:
+        return False
+    user.break_glass_hash, user.break_glass_expires_at = None, None
+    return True

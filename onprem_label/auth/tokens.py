@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from onprem_label.audit import AuditAction, AuditContext, record
@@ -68,6 +68,14 @@ def revoke_token(db: Session, token_id: int, *, owner: User | None = None,
            object_id=row.id, details={"for_user": row.user.username, "name": row.name},
            context=context, now=now)
     return row
+
+
+def revoke_user_tokens(db: Session, user_id: int, *, now: datetime) -> int:
+    """Revoke every live token of a user (password change, reset, "end all sessions")."""
+    result = db.execute(update(ApiToken).where(ApiToken.user_id == user_id,
+                                               ApiToken.revoked_at.is_(None))
+                        .values(revoked_at=now))
+    return result.rowcount or 0
 
 
 def list_tokens(db: Session, user: User | None = None) -> list[ApiToken]:

@@ -80,6 +80,8 @@ def verify(user: User, key: bytes, code: str, *, now: datetime) -> bool:
     if not user.totp_enabled:
         return False
     if "-" in code:
+        if not code.isascii():
+            return False
         digest = _hash_code(code.lower())
         for stored in user.recovery_codes:
             if hmac.compare_digest(stored, digest):
@@ -90,7 +92,7 @@ def verify(user: User, key: bytes, code: str, *, now: datetime) -> bool:
 
 
 def _verify_code(user: User, key: bytes, code: str, now: datetime) -> bool:
-    if not (code.isdigit() and len(code) == DIGITS):
+    if not (code.isascii() and code.isdigit() and len(code) == DIGITS):
         return False
     totp = _totp(_unseal(key, user.totp_secret_sealed, user.id))
     step_now = int(now.timestamp()) // TIME_STEP

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -137,6 +137,16 @@ class ProjectMember(Base):
     user: Mapped[User] = relationship()
 
 
+class Blob(Base):
+    """A stored encrypted blob, named by the keyed hash of its content (see storage/)."""
+
+    __tablename__ = "blobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class AuditEvent(Base):
     """One security or data event. The audit issue adds the hash chain and append-only triggers."""
 
@@ -163,5 +173,5 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
 
-__all__ = ["ApiToken", "AuditEvent", "LoginSession", "PROJECT_ROLES", "Project", "ProjectMember",
+__all__ = ["ApiToken", "AuditEvent", "Blob", "LoginSession", "PROJECT_ROLES", "Project", "ProjectMember",
            "ROLES", "User"]

@@ -16,6 +16,7 @@ from onprem_label.auth.accounts import LockoutPolicy
 from onprem_label.auth.ratelimit import AddressRateLimiter
 from onprem_label.auth.sessions import SessionPolicy
 from onprem_label.config import Settings
+from onprem_label.storage import EncryptedBlobStore
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Services:
     sessionmaker: sessionmaker[Session]
     clock: Callable[[], datetime]
     totp_key: bytes
+    store: EncryptedBlobStore
     lockout: LockoutPolicy
     session_policy: SessionPolicy
     rate_limiter: AddressRateLimiter

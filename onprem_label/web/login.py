@@ -14,7 +14,18 @@ from onprem_label.auth.roles import Permission, has_permission
 from onprem_label.db.models import User
 from onprem_label.web.context import audit_context, db, is_api_request, now, services
 
-login_manager = LoginManager()
+class RequestLoaderLoginManager(LoginManager):
+    """flask-login with one way in: our request loader (session row or bearer token).
+
+    Stock flask-login prefers a `remember_token` cookie over the request loader when one is
+    present; anyone able to plant such a cookie could then log users out. We never issue it.
+    """
+
+    def _load_user(self):
+        return self._update_request_context_with_user(self._request_callback(request))
+
+
+login_manager = RequestLoaderLoginManager()
 login_manager.session_protection = None  # our sessions are server-side and rotated at login
 
 # Endpoints a user may reach while a password change or TOTP enrolment is pending.
@@ -51,6 +62,8 @@ def safe_next(target: str | None) -> str | None:
     """Only same-site relative paths are followed after login (no open redirect)."""
     if not target:
         return None
+    if any(ord(c) < 0x20 or c in "\\\x7f" for c in target):
+        return None  # CR/LF would break the Location header; a backslash is read as '/' by browsers
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
         return None

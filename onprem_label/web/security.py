@@ -40,7 +40,7 @@ def check_csrf() -> None:
         return
     expected = session.get("csrf")
     sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
-    if expected and sent and hmac.compare_digest(str(sent), expected):
+    if expected and sent and hmac.compare_digest(str(sent).encode(), expected.encode()):
         return
     user = getattr(session, "user", None)
     dbs = db()
@@ -63,11 +63,22 @@ class GuardedJSONProvider(DefaultJSONProvider):
             raise ValueError("JSON nested too deeply") from None
 
 
+def _unstorable(text: str) -> bool:
+    """NUL, or a lone surrogate (from JSON "\\ud800") that no database encoding can hold."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _has_nul(value) -> bool:
     stack = [value]  # a loop, not recursion: any depth the parser accepted is walked safely
     while stack:
         item = stack.pop()
-        if isinstance(item, str) and "\x00" in item:
+        if isinstance(item, str) and _unstorable(item):
             return True
         if isinstance(item, dict):
             stack.extend(item.keys())
@@ -89,7 +100,8 @@ def reject_nul_bytes() -> None:
     if request.method not in SAFE_METHODS and request.is_json:
         fields.append(request.get_json(silent=True))
     if any(_has_nul(field) for field in fields):
-        abort(400, description="The request contains a NUL character, which no field may hold.")
+        abort(400, description="The request contains a NUL character or invalid Unicode, "
+                               "which no field may hold.")
 
 
 def add_security_headers(response: Response) -> Response:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from onprem_label.audit import AuditAction, record
 from onprem_label.auth import accounts, sessions, tokens, totp
 from onprem_label.auth.errors import AuthError
 from onprem_label.auth.roles import Permission
@@ -72,6 +71,7 @@ def user_action(user_id: int, action: str):
     """Apply one admin action to an account and come back to its page."""
     dbs, user, ctx, at = db(), _target(user_id), audit_context(), now()
     actor = _actor()
+    dbs.commit()  # end the read: a reset hashes a password, which must not hold SQLite's lock
     one_time_password = None
     try:
         if action == "disable":
@@ -86,9 +86,7 @@ def user_action(user_id: int, action: str):
             accounts.set_roles(dbs, user, request.form.getlist("roles"), actor=actor, context=ctx,
                                now=at)
         elif action == "end-sessions":
-            count = sessions.end_user_sessions(dbs, user.id)
-            record(dbs, AuditAction.USER_SESSIONS_END, actor=actor, object_type="user",
-                   object_id=user.id, details={"sessions": count}, context=ctx, now=at)
+            accounts.end_everywhere(dbs, user, actor=actor, context=ctx, now=at)
         elif action == "reset-totp":
             totp.disable(dbs, user, actor=actor, context=ctx, now=at)
         else:

@@ -6,12 +6,13 @@ from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, abort, redirect, render_template, request, session, url_for
 from flask_login import current_user
+from sqlalchemy import delete, inspect
 
 from onprem_label.audit import AuditAction, record
 from onprem_label.auth import accounts, break_glass, passwords, sessions, totp
 from onprem_label.auth.errors import AuthError, PasswordPolicyError, WrongPassword
 from onprem_label.auth.roles import landing_endpoint
-from onprem_label.db.models import User
+from onprem_label.db.models import LoginSession, User
 from onprem_label.web.context import audit_context, db, now, services
 from onprem_label.web.login import require, safe_next
 from onprem_label.web.sessions import attach_login, detach_login
@@ -43,6 +44,9 @@ def _rate_limited():
 def _finish_login(user, *, break_glass_login: bool = False):
     """Open a fresh session (new id) for `user` and go to their landing page."""
     dbs = db()
+    previous = getattr(session, "row", None)
+    if previous is not None:  # logging in again (maybe as someone else) ends the old session
+        dbs.execute(delete(LoginSession).where(LoginSession.id == inspect(previous).identity[0]))
     sid, row = sessions.start_session(dbs, user, policy=services().session_policy,
                                       break_glass=break_glass_login, context=audit_context(),
                                       now=now())
@@ -65,7 +69,7 @@ def login():
         return limited
     dbs = db()
     user = accounts.authenticate(dbs, request.form.get("username", ""),
-                                 request.form.get("password", "")[:passwords.MAX_LENGTH],
+                                 request.form.get("password", ""),
                                  policy=services().lockout, context=audit_context(), now=now())
     dbs.commit()
     if user is None:
@@ -119,9 +123,9 @@ def break_glass_login():
     dbs = db()
     user = accounts.get_user(dbs, request.form.get("username", ""))
     dbs.commit()
-    password_ok = passwords.verify_password(request.form.get("password", "")[:passwords.MAX_LENGTH],
+    password_ok = passwords.verify_password(request.form.get("password", ""),
                                             user.password_hash if user else passwords.dummy_hash())
-    code_ok = break_glass.redeem_code(user, request.form.get("code", ""), now=now())
+    code_ok = break_glass.redeem_code(dbs, user, request.form.get("code", ""), now=now())
     if user is not None and password_ok and code_ok:
         return _finish_login(user, break_glass_login=True)
     dbs.rollback()  # an unused code stays unused when the password was wrong
@@ -155,11 +159,15 @@ def change_password():
     if new != confirm:
         return render_template("password.html", forced=forced,
                                error="The two new passwords differ."), 422
+    limited = _rate_limited()  # guessing the current password from a stolen session is throttled
+    if limited:
+        return limited
     dbs = db()
     user = dbs.merge(current_user._get_current_object())
+    dbs.commit()  # end the read: two scrypt runs follow, which must not hold SQLite's lock
     try:
         accounts.change_password(dbs, user, request.form.get("current_password", ""), new,
-                                 context=audit_context(), now=now())
+                                 policy=services().lockout, context=audit_context(), now=now())
     except (WrongPassword, PasswordPolicyError) as exc:
         dbs.commit()  # the failed attempt's audit row
         return render_template("password.html", forced=forced, error=str(exc)), 422
