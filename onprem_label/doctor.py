@@ -1,0 +1,70 @@
+"""Health checks an operator runs: storage consistency between blob files and database rows."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from onprem_label.db.models import Blob
+from onprem_label.storage import BlobNotFound, EncryptedBlobStore, IntegrityError
+
+
+@dataclass
+class StorageReport:
+    """What a storage check found; `ok` when nothing."""
+
+    temp_leftovers: list[str] = field(default_factory=list)
+    orphan_blobs: list[str] = field(default_factory=list)
+    missing_blobs: list[str] = field(default_factory=list)
+    corrupt_blobs: list[tuple[str, str]] = field(default_factory=list)
+    checked: int = 0
+    removed_temp: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no fault was found (removed temp files no longer count)."""
+        return not (self.temp_leftovers or self.orphan_blobs or self.missing_blobs
+                    or self.corrupt_blobs)
+
+    def lines(self) -> list[str]:
+        """One line per finding, for the terminal."""
+        out = [f"temp leftover: {name}" for name in self.temp_leftovers]
+        out += [f"blob with no database row: {b}" for b in self.orphan_blobs]
+        out += [f"database row with no blob: {b}" for b in self.missing_blobs]
+        out += [f"blob fails authentication: {b} ({why})" for b, why in self.corrupt_blobs]
+        return out
+
+
+def check_storage(db: Session, store: EncryptedBlobStore, *, sample: int | None = None,
+                  repair: bool = False, seed: int | None = None) -> StorageReport:
+    """Compare blob files with Blob rows and authenticate blobs (all, or a random sample).
+
+    With `repair`, temp leftovers are removed (they are never referenced); everything else is
+    only reported, because deleting a blob or a row could lose data a person must look at.
+    """
+    report = StorageReport()
+    for temp in store.iter_temp():
+        if repair:
+            temp.unlink(missing_ok=True)
+            report.removed_temp += 1
+        else:
+            report.temp_leftovers.append(temp.name)
+    on_disk = set(store.iter_blobs())
+    in_db = set(db.scalars(select(Blob.id)))
+    report.orphan_blobs = sorted(on_disk - in_db)
+    report.missing_blobs = sorted(in_db - on_disk)
+    to_check = sorted(on_disk)
+    if sample is not None and sample < len(to_check):
+        to_check = sorted(random.Random(seed).sample(to_check, sample))
+    for blob_id in to_check:
+        try:
+            store.verify(blob_id)
+        except IntegrityError as exc:
+            report.corrupt_blobs.append((blob_id, str(exc)))
+        except BlobNotFound:
+            report.missing_blobs.append(blob_id)
+        report.checked += 1
+    return report
