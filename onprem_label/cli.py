@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -128,6 +129,10 @@ def init(ctx: click.Context, admin_name: str, demo: bool) -> None:
         engine.dispose()
 
 
+def _raise_interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -218,6 +223,8 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
     click.echo(f"onprem-label {__version__} serving on http://{shown}:{server.effective_port}/ "
                f"(data {settings.data_path}); Ctrl+C stops", err=False)
     sys.stdout.flush()
+    # systemd stops services with SIGTERM: leave the loop the same way Ctrl+C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 
 import click
 
 from onprem_label.audit import AuditAction, record
 from onprem_label.clock import utcnow
-from onprem_label.storage import IntegrityError, open_keyring, open_store
+from onprem_label.config import NEW_PASSPHRASE_ENV
+from onprem_label.storage import IntegrityError, blob_root, open_keyring, open_store
+from onprem_label.storage.blobstore import iter_blob_ids
 from onprem_label.storage.rotation import key_usage, rotate_master_key
 
 
@@ -38,21 +41,33 @@ def key_group() -> None:
     """Master key: rotation and status."""
 
 
+def _ask_new_passphrase() -> str:
+    """The new master key passphrase: from ONPREM_LABEL_NEW_KEY_PASSPHRASE, or asked twice."""
+    from onprem_label.cli import CliError
+
+    if os.environ.get(NEW_PASSPHRASE_ENV):
+        return os.environ[NEW_PASSPHRASE_ENV]
+    if not sys.stdin.isatty():
+        raise CliError(f"set {NEW_PASSPHRASE_ENV} to the new passphrase (no terminal to ask on)")
+    return click.prompt("New master key passphrase", hide_input=True, confirmation_prompt=True)
+
+
 @key_group.command("rotate")
 @click.pass_context
 def key_rotate(ctx: click.Context) -> None:
     """Make a new master key and re-wrap every blob's data key with it (resumable; stop the server first)."""
     from onprem_label.cli import CliError, ask_passphrase
-    from onprem_label.storage.keys import KeyFileError
 
     settings = _settings(ctx)
-    keyring = open_keyring(settings, passphrase=ask_passphrase(settings))  # right key, or stop
+    passphrase = ask_passphrase(settings)
+    new_passphrase = None
+    if settings.key_source == "passphrase":
+        new_passphrase = _ask_new_passphrase()  # the core checks both against the keyring
+    else:
+        open_keyring(settings)  # the right key file, or stop here
     from onprem_label.cli import open_database
     open_database(settings)[0].dispose()  # the audit row at the end needs the database: check now
-    if settings.key_source == "passphrase":  # before the progress bar: the error is the one line
-        raise KeyFileError("this data directory uses a passphrase; key rotation for passphrase "
-                           "keys is not available yet")
-    total = sum(1 for _ in open_store(settings, keyring).iter_blobs())
+    total = sum(1 for _ in iter_blob_ids(blob_root(settings)))
     with contextlib.ExitStack() as stack:
         bars = []
 
@@ -66,7 +81,8 @@ def key_rotate(ctx: click.Context) -> None:
         try:
             report = rotate_master_key(settings.data_path, settings.key_path,
                                        lambda keyring: open_store(settings, keyring),
-                                       progress=advance)
+                                       progress=advance, passphrase=passphrase,
+                                       new_passphrase=new_passphrase)
         except IntegrityError as exc:
             raise CliError(f"{exc}; the rotation is paused: run 'onprem-label doctor --storage', "
                            "deal with that blob, then run 'onprem-label key rotate' again") from None

@@ -14,7 +14,8 @@ CONFIG_FILE_NAME = "onprem-label.toml"
 ROLES = ("admin", "manager", "labeler", "reviewer", "auditor")
 # Secrets read from the environment only, never from the config file or `config show`.
 PASSPHRASE_ENV = ENV_PREFIX + "KEY_PASSPHRASE"
-SECRET_ENV_VARS = (PASSPHRASE_ENV,)
+NEW_PASSPHRASE_ENV = ENV_PREFIX + "NEW_KEY_PASSPHRASE"  # only for `key rotate`
+SECRET_ENV_VARS = (PASSPHRASE_ENV, NEW_PASSPHRASE_ENV)
 
 
 class SettingsError(ValueError):

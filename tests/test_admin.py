@@ -222,7 +222,7 @@ def test_end_sessions_ends_every_session_of_the_user(app, client, admin, target,
     act(client, target, "end-sessions")
     assert [can_work(b) for b in browsers] == [False, False]
     [row] = audit(db, "user:sessions_end")
-    assert row.details == {"sessions": 2}
+    assert row.details == {"sessions": 2, "tokens_revoked": 0, "username": "carol"}
     assert fresh(db, target).active is True  # the account itself is untouched
 
 

@@ -396,7 +396,7 @@ def test_user_end_sessions(site):
     _start_sessions(site, "hank", 2)
     _start_sessions(site, "ivy", 1)
     result = site.run("user", "end-sessions", "hank")
-    assert result.exit_code == 0 and "ended 2 sessions of hank" in result.stdout
+    assert result.exit_code == 0 and "ended 2 sessions and revoked 0 API tokens of hank" in result.stdout
     assert _session_count(site, "hank") == 0 and _session_count(site, "ivy") == 1
 
 

@@ -140,3 +140,19 @@ def test_lone_surrogate_in_json_is_a_400(client, make_user, db, clock):
                            content_type="application/json", headers=bearer(secret))
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "bad_request"
+
+
+def test_token_revoked_by_another_process_stops_within_the_cache_ttl(app, client, db, make_user,
+                                                                    clock, monkeypatch):
+    """A revocation this process did not make (another server) is seen once the short cache expires."""
+    from sqlalchemy import update
+
+    user = make_user("max")
+    secret = mint(db, user, clock)
+    assert client.get(ME, headers=bearer(secret)).status_code == 200
+    db.execute(update(ApiToken).values(revoked_at=clock()))  # as another process would
+    db.commit()
+    assert client.get(ME, headers=bearer(secret)).status_code == 200  # still within the TTL
+    later = tokens.time.monotonic() + tokens.CheckedTokens.TTL + 1
+    monkeypatch.setattr(tokens.time, "monotonic", lambda: later)
+    assert client.get(ME, headers=bearer(secret)).status_code == 401

@@ -209,6 +209,7 @@ def set_active(db: Session, user: User, active: bool, *, actor: User | None = No
     user.active = active
     if not active:
         sessions.end_user_sessions(db, user.id)
+        tokens.CHECKED.forget_user(user.id)
     record(db, AuditAction.USER_ENABLE if active else AuditAction.USER_DISABLE, actor=actor,
            object_type="user", object_id=user.id, details={"username": user.username},
            context=context, now=now)
@@ -240,6 +241,7 @@ def set_roles(db: Session, user: User, roles, *, actor: User | None = None,
     if "admin" in user.role_set and "admin" not in new.split() and count_admins(db) <= 1:
         raise InvalidRole("cannot remove the admin role from the last active admin")
     old, user.roles = user.roles, new
+    tokens.CHECKED.forget_user(user.id)
     record(db, AuditAction.USER_ROLES, actor=actor, object_type="user", object_id=user.id,
            details={"username": user.username, "before": old, "after": new},
            context=context, now=now)

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import hmac
 import os
+import threading
 from importlib.resources import files
 
 from onprem_label.auth.errors import PasswordPolicyError
@@ -23,8 +24,18 @@ MIN_LENGTH = 12
 MAX_LENGTH = 1024  # far above the 128 asked for; bounded so a request cannot ask for a huge hash
 
 
+# Each hash holds 128 MiB for ~0.5 s: at most this many at once, so a burst of logins can
+# neither exhaust memory nor tie up every server thread (the others queue here briefly).
+_HASH_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+
+
 def _scrypt(password: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
     n = 1 << log_n
+    with _HASH_SLOTS:
+        return _scrypt_unbounded(password, salt, n, r, p)
+
+
+def _scrypt_unbounded(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p,
                           maxmem=256 * r * n + (1 << 20), dklen=HASH_BYTES)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from onprem_label.audit import AuditAction, AuditContext, record
 from onprem_label.audit.record import CONSOLE
@@ -43,17 +46,97 @@ def create_token(db: Session, user: User, name: str, *, actor: User | None = Non
     return token, row
 
 
-def authenticate_token(db: Session, token: str, *, now: datetime) -> User | None:
-    """The active user owning a live token, or None; records last use."""
+# Built once: this runs on every API call, and composing the statement costs more than the query.
+_LIVE_TOKEN = (select(User.__table__, ApiToken.id.label("token_id"),
+                      ApiToken.last_used_at.label("token_last_used_at"))
+               .join(ApiToken, ApiToken.user_id == User.id)
+               .where(ApiToken.token_hash == bindparam("token_hash"),
+                      ApiToken.revoked_at.is_(None), User.active.is_(True)))
+_USER_COLUMNS = tuple(column.key for column in User.__table__.columns)
+
+
+@dataclass(frozen=True)
+class TokenUse:
+    """A checked token: its owner (a detached User) and what touch_token needs."""
+
+    user: User
+    token_id: int
+    last_used_at: datetime | None
+
+
+class CheckedTokens:
+    """Tokens checked in the last few seconds, so a busy script is not one query per call.
+
+    A revocation, a disabled account or a password change made through this package in this
+    process forgets the entry at once (see forget_user); another process on the same database
+    sees it within TTL seconds. A token is never cached as valid for longer than that.
+    """
+
+    TTL = 5.0
+    MAX_ENTRIES = 10_000
+
+    def __init__(self):
+        self._entries: dict[str, tuple[float, TokenUse]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token_hash: str) -> TokenUse | None:
+        """A still-fresh check of this token, or None."""
+        entry = self._entries.get(token_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, token_hash: str, use: TokenUse) -> None:
+        """Remember a successful check for TTL seconds."""
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[token_hash] = (time.monotonic() + self.TTL, use)
+
+    def forget_user(self, user_id: int) -> None:
+        """Drop every cached check of one user's tokens."""
+        with self._lock:
+            for key in [k for k, (_, use) in self._entries.items() if use.user.id == user_id]:
+                del self._entries[key]
+
+
+CHECKED = CheckedTokens()
+
+
+def recently_checked(token: str) -> TokenUse | None:
+    """A check of this token made in the last few seconds (see CheckedTokens), or None."""
+    return CHECKED.get(_hash(token)) if token.startswith(TOKEN_PREFIX) else None
+
+
+def authenticate_token(conn: Connection, token: str) -> TokenUse | None:
+    """The active owner of a live token, or None: one read on a plain connection, no ORM
+    session (this is on every scripted API call). Callers try recently_checked first."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 100:
         return None
-    row = db.scalar(select(ApiToken).where(ApiToken.token_hash == _hash(token),
-                                           ApiToken.revoked_at.is_(None)))
-    if row is None or not row.user.active:
+    token_hash = _hash(token)
+    row = conn.execute(_LIVE_TOKEN, {"token_hash": token_hash}).mappings().first()
+    if row is None:
         return None
-    if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
-        row.last_used_at = now
-    return row.user
+    user = User(**{key: row[key] for key in _USER_COLUMNS})
+    make_transient_to_detached(user)  # it is the stored row: merge() into a session works
+    use = TokenUse(user, row["token_id"], row["token_last_used_at"])
+    CHECKED.put(token_hash, use)
+    return use
+
+
+def needs_touch(use: TokenUse, *, now: datetime) -> bool:
+    """True when the token's last use is older than LAST_USED_RESOLUTION (or never recorded)."""
+    return use.last_used_at is None or now - use.last_used_at >= LAST_USED_RESOLUTION
+
+
+def touch_token(db: Session, use: TokenUse, *, now: datetime) -> bool:
+    """Record the token's use, at most once per LAST_USED_RESOLUTION; True if it wrote."""
+    if not needs_touch(use, now=now):
+        return False
+    db.execute(update(ApiToken).where(ApiToken.id == use.token_id).values(last_used_at=now)
+               .execution_options(synchronize_session=False))
+    object.__setattr__(use, "last_used_at", now)  # the cached check must not write again
+    return True
 
 
 def revoke_token(db: Session, token_id: int, *, owner: User | None = None,
@@ -64,6 +147,7 @@ def revoke_token(db: Session, token_id: int, *, owner: User | None = None,
     if row is None or row.revoked_at is not None or (owner is not None and row.user_id != owner.id):
         raise UnknownToken(f"no live token with id {token_id}")
     row.revoked_at = now
+    CHECKED.forget_user(row.user_id)
     record(db, AuditAction.TOKEN_REVOKE, actor=actor or owner, object_type="token",
            object_id=row.id, details={"for_user": row.user.username, "name": row.name},
            context=context, now=now)
@@ -72,6 +156,7 @@ def revoke_token(db: Session, token_id: int, *, owner: User | None = None,
 
 def revoke_user_tokens(db: Session, user_id: int, *, now: datetime) -> int:
     """Revoke every live token of a user (password change, reset, "end all sessions")."""
+    CHECKED.forget_user(user_id)
     result = db.execute(update(ApiToken).where(ApiToken.user_id == user_id,
                                                ApiToken.revoked_at.is_(None))
                         .values(revoked_at=now))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 15000
+READ_ONLY_OPTION = "onprem_label_read_only"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -39,7 +43,30 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only transactions (see read_only) need no lock: WAL readers run side by side.
+        deferred = connection.get_execution_options().get(READ_ONLY_OPTION)
+        connection.exec_driver_sql("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
+
+
+def read_only(session: Session) -> Session:
+    """Start `session`'s next transaction as a read: on SQLite it takes no write lock.
+
+    The transaction must not write (a deferred SQLite transaction cannot wait for the lock it
+    would need): commit it, and do any write in a transaction of its own.
+    """
+    if not session.in_transaction():  # a transaction already open keeps the mode it began with
+        session.connection(execution_options={READ_ONLY_OPTION: True})
+    return session
+
+
+@contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection in a read-only transaction (no SQLite write lock), rolled back after."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+        with conn.begin() as transaction:
+            yield conn
+            transaction.rollback()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

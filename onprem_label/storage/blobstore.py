@@ -55,6 +55,15 @@ def check_blob_id(blob_id: str) -> str:
     return blob_id
 
 
+def iter_blob_ids(root: Path) -> Iterator[str]:
+    """Blob ids stored under `root`, read from file names alone (no key needed)."""
+    for first in sorted(Path(root).glob("[0-9a-f][0-9a-f]")):
+        for second in sorted(first.glob("[0-9a-f][0-9a-f]")):
+            for path in sorted(second.iterdir()):
+                if BLOB_ID_RE.fullmatch(path.name) and path.name.startswith(first.name + second.name):
+                    yield path.name
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -168,12 +177,8 @@ class EncryptedBlobStore:
     # -- maintenance ---------------------------------------------------------------------------
 
     def iter_blobs(self) -> Iterator[str]:
-        """Every stored blob id (files with other names are skipped; see iter_strays)."""
-        for first in sorted(self.root.glob("[0-9a-f][0-9a-f]")):
-            for second in sorted(first.glob("[0-9a-f][0-9a-f]")):
-                for path in sorted(second.iterdir()):
-                    if BLOB_ID_RE.fullmatch(path.name) and path.name.startswith(first.name + second.name):
-                        yield path.name
+        """Every stored blob id (files with other names are skipped; see iter_temp)."""
+        return iter_blob_ids(self.root)
 
     def iter_temp(self) -> Iterator[Path]:
         """Leftover temp files (from a crash or a killed process)."""

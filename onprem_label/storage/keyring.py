@@ -131,8 +131,20 @@ def load_keyring(data_dir: Path, key_path: Path, *, passphrase: str | None = Non
                  next_passphrase: str | None = None) -> Keyring:
     """Open the data directory's keyring with the master key (file, or passphrase if recorded).
 
-    Raises KeyFileError, with one sentence naming the problem, for a missing or wrong key.
+    Raises KeyFileError, with one sentence naming the problem, for a missing or wrong key or a
+    damaged keyring file.
     """
+    try:
+        return _load_keyring(data_dir, key_path, passphrase=passphrase,
+                             next_passphrase=next_passphrase)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # A field missing or malformed in keyring.json: one clear line, not a traceback.
+        raise KeyFileError(f"keyring {keyring_path(data_dir)} is damaged "
+                           f"({exc.__class__.__name__}: {exc}); nothing was changed") from None
+
+
+def _load_keyring(data_dir: Path, key_path: Path, *, passphrase: str | None,
+                  next_passphrase: str | None) -> Keyring:
     state = read_state(data_dir)
     expected = bytes.fromhex(state["master_key_id"])
     rotation = state.get("rotation") or None
@@ -150,16 +162,16 @@ def load_keyring(data_dir: Path, key_path: Path, *, passphrase: str | None = Non
         candidates = [key_path]
         if rotation:
             candidates.append(next_key_path(key_path))
-        errors = []
+        errors = {}
         for path in candidates:
             try:
                 key = load_key_file(path)
             except KeyFileError as exc:
-                errors.append(exc)
+                errors[path] = exc
                 continue
             masters[fmt.key_id_of(key)] = key
         if not masters:
-            raise errors[0]
+            raise errors[key_path]
         # Retired keys open blobs that a server started before a rotation still wrapped with
         # the old key; they never wrap anything new.
         for path in sorted(key_path.parent.glob(key_path.name + ".retired-*")):
@@ -169,6 +181,8 @@ def load_keyring(data_dir: Path, key_path: Path, *, passphrase: str | None = Non
                 continue
             masters.setdefault(fmt.key_id_of(key), key)
     if expected not in masters:
+        if not state.get("passphrase") and key_path in errors:
+            raise errors[key_path]  # say the key file is missing, not that .next is foreign
         what = "passphrase is wrong" if state.get("passphrase") else \
             f"master key file {key_path} does not belong to this data directory"
         raise KeyFileError(f"{what} (key id {next(iter(masters)).hex()}, "

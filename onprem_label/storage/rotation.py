@@ -17,8 +17,8 @@ from typing import Callable
 from onprem_label.storage import format as fmt
 from onprem_label.storage.blobstore import EncryptedBlobStore, check_blob_id
 from onprem_label.storage.format import IntegrityError
-from onprem_label.storage.keyring import (Keyring, _b64, _unb64, next_key_path, read_state,
-                                          write_state)
+from onprem_label.storage.keyring import (Keyring, _b64, _unb64, new_passphrase_params, next_key_path,
+                                          passphrase_key, read_state, write_state)
 from onprem_label.storage.keys import KeyFileError, create_key_file, load_key_file
 
 JOURNAL_DIR = "rotation-journal"
@@ -61,9 +61,10 @@ def replay_journal(store: EncryptedBlobStore, keyring: Keyring) -> int:
             header = fmt.parse_header(raw)
             fmt.open_header(header, keyring.key_for(header.key_id))  # only a sound header
             if len(raw) == fmt.HEADER_BYTES and header.blob_id.hex() == blob_id and store.exists(blob_id):
-                # Same salt = same data key. A blob deleted and stored again since the crash has
-                # a fresh data key; this stale header would make it unreadable.
-                if store.read_header(blob_id).salt == header.salt:
+                # A blob deleted and stored again since the crash has a sound header with a fresh
+                # data key (other salt): this stale header would make it unreadable. A torn
+                # header, on the other hand, is exactly what the entry is there to repair.
+                if _sound_salt(store, keyring, blob_id) in (None, header.salt):
                     store.rewrite_header(blob_id, raw)
                     applied += 1
         except (ValueError, IntegrityError):
@@ -71,6 +72,16 @@ def replay_journal(store: EncryptedBlobStore, keyring: Keyring) -> int:
         entry.unlink()
     _fsync_dir(folder)
     return applied
+
+
+def _sound_salt(store: EncryptedBlobStore, keyring: Keyring, blob_id: str) -> bytes | None:
+    """The salt in a blob's current header if that header authenticates, else None."""
+    try:
+        current = store.read_header(blob_id)
+        fmt.open_header(current, keyring.key_for(current.key_id))
+    except IntegrityError:
+        return None
+    return current.salt
 
 
 def rewrap_blob(store: EncryptedBlobStore, blob_id: str, old_key: bytes, new_id: bytes,
@@ -95,17 +106,20 @@ def rewrap_blob(store: EncryptedBlobStore, blob_id: str, old_key: bytes, new_id:
 
 def rotate_master_key(data_dir: Path, key_path: Path, store_for: Callable[[Keyring], EncryptedBlobStore],
                       *, progress: Callable[[int], None] | None = None,
+                      passphrase: str | None = None, new_passphrase: str | None = None,
                       now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> RotationReport:
-    """Rotate (or finish rotating) the key-file master key of `data_dir`.
+    """Rotate (or finish rotating) the master key of `data_dir`.
 
-    1. make `<key>.next` and record the rotation; 2. re-wrap every blob still on the old key;
-    3. re-wrap the root key and record the new id; 4. retire the old key file and move the new
-    one into place. Each step is durable before the next; running again resumes.
+    Key file: 1. make `<key>.next` and record the rotation; 2. re-wrap every blob still on the
+    old key; 3. re-wrap the root key and record the new id; 4. retire the old key file and move
+    the new one into place. Passphrase: the same, with the new key derived from `new_passphrase`
+    under fresh scrypt parameters recorded with the rotation, and no files to move. Each step is
+    durable before the next; running again (with the same passphrases) resumes.
     """
     state = read_state(data_dir)
     if state.get("passphrase"):
-        raise KeyFileError("this data directory uses a passphrase; key rotation for passphrase "
-                           "keys is not available yet")
+        keys, rotation = _passphrase_keys(data_dir, state, passphrase, new_passphrase, now)
+        return _rewrap_all(data_dir, key_path, state, keys, rotation, store_for, progress)
     next_path = next_key_path(key_path)
     rotation = state.get("rotation")
     if rotation is None:
@@ -134,9 +148,46 @@ def rotate_master_key(data_dir: Path, key_path: Path, store_for: Callable[[Keyri
         except KeyFileError:
             continue
         keys[fmt.key_id_of(key)] = key
-    old_id, new_id = bytes.fromhex(rotation["from_key_id"]), bytes.fromhex(rotation["to_key_id"])
-    if new_id not in keys:
+    if bytes.fromhex(rotation["to_key_id"]) not in keys:
         raise KeyFileError(f"the new master key ({next_path}) of the rotation under way is missing")
+    return _rewrap_all(data_dir, key_path, state, keys, rotation, store_for, progress)
+
+
+def _passphrase_keys(data_dir: Path, state: dict, passphrase: str | None,
+                     new_passphrase: str | None, now) -> tuple[dict[bytes, bytes], dict]:
+    """Master keys from the old and new passphrases; records the rotation on its first run."""
+    rotation = state.get("rotation")
+    if not passphrase or not new_passphrase:
+        raise KeyFileError("rotating a passphrase key needs the current passphrase "
+                           "(ONPREM_LABEL_KEY_PASSPHRASE) and the new one "
+                           "(ONPREM_LABEL_NEW_KEY_PASSPHRASE)")
+    if rotation is None:
+        old_key = passphrase_key(passphrase, state["passphrase"])
+        if fmt.key_id_of(old_key).hex() != state["master_key_id"]:
+            raise KeyFileError("the current passphrase is wrong; nothing was changed")
+        params = new_passphrase_params()
+        new_key = passphrase_key(new_passphrase, params)
+        rotation = {"from_key_id": fmt.key_id_of(old_key).hex(),
+                    "to_key_id": fmt.key_id_of(new_key).hex(), "passphrase": params,
+                    "started_at": now().isoformat()}
+        state["rotation"] = rotation
+        write_state(data_dir, state)
+    keys: dict[bytes, bytes] = {}
+    # Before the switch the data directory's parameters are the old ones, after it the new.
+    for phrase, params in ((passphrase, state["passphrase"]), (new_passphrase, rotation["passphrase"])):
+        key = passphrase_key(phrase, params)
+        keys[fmt.key_id_of(key)] = key
+    if bytes.fromhex(rotation["to_key_id"]) not in keys:
+        raise KeyFileError("the new passphrase is not the one this unfinished rotation began with")
+    if bytes.fromhex(state["master_key_id"]) not in keys:
+        raise KeyFileError("the current passphrase is wrong; nothing was changed")
+    return keys, rotation
+
+
+def _rewrap_all(data_dir: Path, key_path: Path, state: dict, keys: dict[bytes, bytes],
+                rotation: dict, store_for, progress) -> RotationReport:
+    """Steps 2-4 of a rotation (see rotate_master_key), for either kind of master key."""
+    old_id, new_id = bytes.fromhex(rotation["from_key_id"]), bytes.fromhex(rotation["to_key_id"])
     new_key = keys[new_id]
     root_holder = bytes.fromhex(state["master_key_id"])
     keyring = Keyring(dict(keys), new_id, fmt.unwrap_key(keys[root_holder], _unb64(state["root_key"])))
@@ -161,10 +212,13 @@ def rotate_master_key(data_dir: Path, key_path: Path, store_for: Callable[[Keyri
     if state["master_key_id"] != new_id.hex():
         state["root_key"] = _b64(fmt.wrap_key(new_key, keyring.root_key))
         state["master_key_id"] = new_id.hex()
+        if rotation.get("passphrase"):
+            state["passphrase"] = rotation["passphrase"]
         write_state(data_dir, state)
 
     retired = None
-    if next_path.exists():
+    next_path = next_key_path(key_path)
+    if not rotation.get("passphrase") and next_path.exists():
         if key_path.exists() and fmt.key_id_of(load_key_file(key_path)) != new_id:
             retired = key_path.with_name(f"{key_path.name}.retired-{old_id.hex()}")
             os.replace(key_path, retired)
