@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from contextlib import contextmanager
 
 import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -238,43 +239,41 @@ def db() -> None:
     """Database schema: upgrade, current revision, check."""
 
 
+@contextmanager
+def _any_revision_engine(ctx: click.Context):
+    """An engine on the configured database, whatever its revision; disposed afterwards."""
+    engine, _ = open_database(settings_from(ctx.parent), require_head=False)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
 @db.command("upgrade")
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Apply every pending migration."""
-    settings = settings_from(ctx.parent)
-    engine, _ = open_database(settings, require_head=False)
-    try:
+    with _any_revision_engine(ctx) as engine:
         before = migrate.current_revision(engine)
         migrate.upgrade(engine)
         click.echo(f"database upgraded from {before or 'empty'} to {migrate.current_revision(engine)}")
-    finally:
-        engine.dispose()
 
 
 @db.command("current")
 @click.pass_context
 def db_current(ctx: click.Context) -> None:
     """Print the database's revision and the code's head."""
-    settings = settings_from(ctx.parent)
-    engine, _ = open_database(settings, require_head=False)
-    try:
+    with _any_revision_engine(ctx) as engine:
         click.echo(f"current: {migrate.current_revision(engine) or 'empty'}")
         click.echo(f"head: {migrate.head_revision(engine)}")
-    finally:
-        engine.dispose()
 
 
 @db.command("check")
 @click.pass_context
 def db_check(ctx: click.Context) -> None:
     """Exit 0 when the database is at head, 1 (naming the fix) when not."""
-    settings = settings_from(ctx.parent)
-    engine, _ = open_database(settings, require_head=False)
-    try:
+    with _any_revision_engine(ctx) as engine:
         at_head, message = migrate.schema_status(engine)
-    finally:
-        engine.dispose()
     if not at_head:
         raise CliError(message)
     click.echo(message)
