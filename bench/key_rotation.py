@@ -109,7 +109,7 @@ def main() -> int:
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the data directory goes")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="wait up to this many s for the machine to go idle before each rotation")
-    parser.add_argument("--max-seconds", type=float, default=3600.0,
+    parser.add_argument("--max-seconds", type=float, default=7200.0,
                         help="give up (and say so) after this many s in all")
     args = parser.parse_args()
     count = max(1, min(args.blobs, 1_000_000))

@@ -273,14 +273,17 @@ def _write_all(out: io.FileIO, data) -> None:
         view = view[out.write(view):]
 
 
-class _Writeback:
-    """Have the kernel start writing a file's pages to disk while the rest is still being sealed.
+_FADVISE = getattr(os, "posix_fadvise", None)  # not on every platform
 
-    Without this, every page of a large blob stays dirty in memory until the final fsync, which
-    then waits for all of them; started early, the disk works while the CPU seals, and the fsync
-    waits for the last few MiB only. Durability is unchanged: the fsync still decides. On Linux,
-    POSIX_FADV_DONTNEED on a range starts asynchronous writeback of its dirty pages (pages still
-    dirty or under writeback are not dropped from the cache); elsewhere it is only advice.
+
+class _Writeback:
+    """Have the kernel start writing a blob's pages to disk while the rest is still being sealed.
+
+    Otherwise every page of a large blob stays dirty in memory until the final fsync, which then
+    has to start all of the writing as well as wait for it. Durability is unchanged: the one
+    fsync at the end still decides. On Linux, POSIX_FADV_DONTNEED on a range starts asynchronous
+    writeback of its dirty pages; pages still dirty or under writeback are not dropped, so the
+    blob mostly stays cached. Elsewhere it is only advice. See bench/storage_put_parts.py.
     """
 
     STEP = 8 << 20
@@ -291,13 +294,13 @@ class _Writeback:
     def wrote(self, count: int) -> None:
         """Record `count` more bytes written; start writeback once a step's worth is pending."""
         self._written += count
-        if self._written - self._started >= self.STEP and _FADVISE is not None:
-            _FADVISE(self._fd, self._started, self._written - self._started,
-                     os.POSIX_FADV_DONTNEED)
-            self._started = self._written
-
-
-_FADVISE = getattr(os, "posix_fadvise", None)
+        if self._written - self._started < self.STEP or _FADVISE is None:
+            return
+        try:
+            _FADVISE(self._fd, self._started, self._written - self._started, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # only advice: a filesystem that refuses it leaves the work to the fsync
+        self._started = self._written
 
 
 class BlobReader(io.RawIOBase):
