@@ -135,11 +135,17 @@ def empty_database_url(backend, request):
 
 
 @pytest.fixture
-def settings(tmp_path, database_url):
+def overrides() -> dict:
+    """Extra settings for the app of one test (parametrise it to change them)."""
+    return {}
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, overrides):
     """Settings for a test: its own data directory and database, no machine environment."""
     data = tmp_path / "data"
     data.mkdir(mode=0o700, exist_ok=True)
-    return load_settings({"data_dir": str(data), "database_url": database_url}, env={})
+    return load_settings({"data_dir": str(data), "database_url": database_url, **overrides}, env={})
 
 
 @pytest.fixture

@@ -12,26 +12,10 @@ from onprem_label.audit import AuditAction
 from onprem_label.audit.record import CONSOLE
 from onprem_label.auth import accounts, break_glass, passwords
 from onprem_label.auth.errors import InvalidRole
-from onprem_label.config import load_settings
 from onprem_label.db.models import AuditEvent, LoginSession, User
 
 WRONG = "certainly not the password"
 ME = "/api/v1/me"
-
-
-@pytest.fixture
-def overrides() -> dict:
-    """Extra settings for the app of one test (parametrise it to change them)."""
-    return {}
-
-
-@pytest.fixture
-def settings(settings, overrides):
-    """The shared test settings with `overrides` applied."""
-    if not overrides:
-        return settings
-    return load_settings({"data_dir": settings.data_dir, "database_url": settings.database_url,
-                          **overrides}, env={})
 
 
 def fetch(app, model, ident):

@@ -12,26 +12,10 @@ from sqlalchemy import select
 from conftest import csrf_from, login
 from onprem_label.audit import AuditAction
 from onprem_label.auth import totp
-from onprem_label.config import load_settings
 from onprem_label.db.models import AuditEvent, User
 
 ME = "/api/v1/me"
 RECOVERY_RE = re.compile(r"<code>([a-z2-7]{4}(?:-[a-z2-7]{4}){3})</code>")
-
-
-@pytest.fixture
-def overrides() -> dict:
-    """Extra settings for the app of one test (parametrise it to change them)."""
-    return {}
-
-
-@pytest.fixture
-def settings(settings, overrides):
-    """The shared test settings with `overrides` applied."""
-    if not overrides:
-        return settings
-    return load_settings({"data_dir": settings.data_dir, "database_url": settings.database_url,
-                          **overrides}, env={})
 
 
 @pytest.fixture
