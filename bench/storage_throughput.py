@@ -1,7 +1,7 @@
 """Benchmark: put and get of a 256 MiB blob vs AESGCM.encrypt / decrypt of the same bytes in one call.
 
 Goal (issue 3): put / encrypt >= 0.6 and get / decrypt >= 0.6 (MB/s ratios, same process).
-Usage: .venv/bin/python bench/storage_throughput.py [--runs 5] [--size-mib 256] [--tmp /tmp]
+Usage: .venv/bin/python bench/storage_throughput.py [--runs 5] [--size-mib 256] [--tmp /tmp] [--before]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import _common as c
 import _storage as s
+from _put_before import put_before
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 RATIO_GOAL = 0.6
@@ -55,8 +56,11 @@ def check_content(store, blob_id: str, data: bytes) -> None:
         raise SystemExit(f"read {at} bytes back, put {len(data)}")
 
 
-def one_run(store, data: bytes) -> dict[str, float]:
-    """Seconds of encrypt, decrypt, put, warm get and cold get of `data` (plus the busy share)."""
+def one_run(store, data: bytes, before: bool) -> dict[str, float]:
+    """Seconds of encrypt, decrypt, put, warm get and cold get of `data` (plus the busy share).
+
+    With `before`, also of the serial put() this store had before the throughput work.
+    """
     aead, nonce, aad = AESGCM(AESGCM.generate_key(256)), os.urandom(12), os.urandom(41)
     load = c.MachineLoad().start()
     enc_s, sealed = timed(aead.encrypt, nonce, data, aad)
@@ -70,15 +74,21 @@ def one_run(store, data: bytes) -> dict[str, float]:
     if got != len(data) or ref.size != len(data):
         raise SystemExit(f"sizes differ: put {ref.size}, read {got}, expected {len(data)}")
     store.delete(ref.blob_id)  # the next put must write a new file, not find this one
-    return {"encrypt": enc_s, "decrypt": dec_s, "put": put_s, "get": get_s, "cold get": cold_s,
-            "busy": busy, "blob_id": ref.blob_id}
+    result = {"encrypt": enc_s, "decrypt": dec_s, "put": put_s, "get": get_s, "cold get": cold_s,
+              "busy": busy}
+    if before:
+        result["put before"], old = timed(put_before, store, io.BytesIO(data))
+        if old != ref:
+            raise SystemExit(f"the earlier put gave {old}, the store's put {ref}")
+        store.delete(old.blob_id)
+    return result
 
 
 def report(name: str, size: int, seconds: list[float]) -> float:
     """Print the MB/s of one operation over the runs; return the median MB/s."""
     rates = [mb_per_s(size, t) for t in seconds]
     med = c.median(rates)
-    print(f"{name:<9} MB/s: median {med:7.0f} (min {min(rates):.0f}, max {max(rates):.0f}); "
+    print(f"{name:<10} MB/s: median {med:7.0f} (min {min(rates):.0f}, max {max(rates):.0f}); "
           f"runs: {', '.join(f'{r:.0f}' for r in rates)}")
     return med
 
@@ -92,6 +102,8 @@ def main() -> int:
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the data directory goes")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="wait up to this many s for the machine to go idle before each run")
+    parser.add_argument("--before", action="store_true",
+                        help="also time the serial put() from before the throughput work")
     parser.add_argument("--max-seconds", type=float, default=900.0,
                         help="stop starting new runs after this many s")
     args = parser.parse_args()
@@ -116,18 +128,20 @@ def main() -> int:
                 print(f"stopping after {i} runs: --max-seconds {args.max_seconds:g} reached")
                 break
             before, waited = c.wait_for_quiet(args.quiet_wait)
-            result = one_run(store, data)
+            result = one_run(store, data, args.before)
             results.append(result)
             print(f"run {i + 1}: " + "; ".join(f"{k} {mb_per_s(size, result[k]):.0f} MB/s"
-                                               for k in ("encrypt", "decrypt", "put", "get", "cold get"))
+                                               for k in result if k != "busy")
                   + f"; machine busy before {before:.0%} (waited {waited:.0f} s), "
                     f"during {result['busy']:.0%} of {os.cpu_count()} cores")
     if not results:
         return 1
-    med = {k: report(k, size, [r[k] for r in results])
-           for k in ("encrypt", "decrypt", "put", "get", "cold get")}
+    med = {k: report(k, size, [r[k] for r in results]) for k in results[0] if k != "busy"}
     print(f"over {len(results)} runs (MB/s medians; the cold get drops the blob's pages first, "
           f"so it reads from disk and has no goal)")
+    if "put before" in med:
+        print(f"put before the throughput work / encrypt ratio {med['put before'] / med['encrypt']:.2f}"
+              f" (for comparison; the goal is for the store's put)")
     for op, ref_op in (("put", "encrypt"), ("get", "decrypt")):
         ratio = med[op] / med[ref_op]
         paired = c.median([r[ref_op] / r[op] for r in results])
