@@ -79,9 +79,9 @@ def part_hmac_and_seal_threads(data, parts, aead, key, path):
 def write_file(parts, path, mode: str, seal=None) -> tuple[float, float]:
     """(s writing, s in the final fsync) of the chunks to a new file.
 
-    mode "plain": writes, then fsync; "hint": also ask for writeback every 8 MiB, as put() does;
-    "hint+fdatasync": also fdatasync every 32 MiB in a background thread (not what put() does:
-    an experiment showing what flushing the device's write cache early would buy). With `seal`
+    mode "plain": writes, then fsync; "hint": also ask for writeback every 8 MiB;
+    "hint+fdatasync": also fdatasync every 32 MiB in a background thread, as put() does since
+    session 2 (see bench/RESULTS.md, section S2). With `seal`
     (aead, key), each chunk is first sealed and hashed as put() does, and the sealed bytes written.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -117,8 +117,8 @@ def write_file(parts, path, mode: str, seal=None) -> tuple[float, float]:
         os.unlink(path)
 
 
-WRITE_MODES = {"plain": "no hint", "hint": "writeback hint every 8 MiB (as put)",
-               "hint+fdatasync": "hint + bg fdatasync every 32 MiB"}
+WRITE_MODES = {"plain": "no hint", "hint": "writeback hint every 8 MiB",
+               "hint+fdatasync": "hint + bg fdatasync every 32 MiB (as put)"}
 PARTS = [("read: BytesIO.read -> new bytes", part_read_new_bytes),
          ("read: BytesIO.readinto reused buffer", part_readinto),
          ("name HMAC-SHA-256", part_hmac),

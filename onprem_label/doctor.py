@@ -44,14 +44,22 @@ def check_storage(db: Session, store: EncryptedBlobStore, *, sample: int | None 
 
     With `repair`, temp leftovers are removed (they are never referenced); everything else is
     only reported, because deleting a blob or a row could lose data a person must look at.
+    Under tmp/ only plain files are removed: put() never makes anything else, so a folder or a
+    link there was put by a person and is reported, as is a file that cannot be removed.
     """
     report = StorageReport()
     for temp in store.iter_temp():
-        if repair:
-            temp.unlink(missing_ok=True)
-            report.removed_temp += 1
-        else:
+        if not repair:
             report.temp_leftovers.append(temp.name)
+        elif temp.is_symlink() or not temp.is_file():
+            report.temp_leftovers.append(f"{temp.name} (not a plain file; left alone)")
+        else:
+            try:
+                temp.unlink(missing_ok=True)
+            except OSError as exc:
+                report.temp_leftovers.append(f"{temp.name} (cannot remove: {exc.strerror})")
+            else:
+                report.removed_temp += 1
     on_disk = set(store.iter_blobs())
     in_db = set(db.scalars(select(Blob.id)))
     report.orphan_blobs = sorted(on_disk - in_db)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from onprem_label.storage import blobstore, rotation
 from onprem_label.storage import format as fmt
 from onprem_label.storage.blobstore import (BlobNotFound, BlobRef, EncryptedBlobStore, InvalidBlobId,
                                             check_blob_id)
@@ -676,6 +677,61 @@ def test_failing_source_leaves_no_blob_and_no_temp(store, good):
     assert list(store.iter_blobs()) == []
     assert list(store.iter_temp()) == []
     assert files_under(store.root) == []
+
+
+def test_early_sync_failure_fails_the_put(store, monkeypatch):
+    """An error from a background fdatasync during put() fails the put; nothing becomes visible.
+
+    The kernel reports a writeback error to a file descriptor once, so the final fsync alone
+    might pass after an early sync saw the error.
+    """
+    calls = []
+
+    def failing_sync(fd):
+        calls.append(fd)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blobstore._Writeback, "SYNC_STEP", 2 * SEALED)
+    monkeypatch.setattr(blobstore, "_FDATASYNC", failing_sync)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.put(io.BytesIO(content(BIG)))
+    assert calls, "no early sync was started"
+    assert list(store.iter_blobs()) == []
+    assert list(store.iter_temp()) == []
+
+
+def test_early_syncs_run_during_a_large_put(store, monkeypatch):
+    """put() of a many-chunk blob starts background syncs and still round-trips."""
+    calls = []
+    monkeypatch.setattr(blobstore._Writeback, "SYNC_STEP", 2 * SEALED)
+    monkeypatch.setattr(blobstore, "_FDATASYNC", lambda fd: calls.append(os.fdatasync(fd)))
+    data = content(BIG)
+    blob_id = put_bytes(store, data)
+    assert len(calls) >= 1
+    with store.open(blob_id) as reader:
+        assert reader.read() == data
+
+
+def test_stored_files_are_private(store, keyring, monkeypatch):
+    """Blob files and rotation journal files are created 0600 even under a permissive umask."""
+    journal_modes = []
+    real_replace = os.replace
+
+    def spy_replace(src, dst):
+        journal_modes.append(os.stat(src).st_mode & 0o777)
+        return real_replace(src, dst)
+
+    old_umask = os.umask(0o022)
+    try:
+        blob_id = put_bytes(store, content(BIG))
+        rotation.journal_dir(store).mkdir(mode=0o700, parents=True, exist_ok=True)
+        monkeypatch.setattr(rotation.os, "replace", spy_replace)
+        new = os.urandom(32)
+        rotation.rewrap_blob(store, blob_id, keyring.masters[keyring.current_id], key_id_of(new), new)
+    finally:
+        os.umask(old_umask)
+    assert os.stat(store.path_of(blob_id)).st_mode & 0o777 == 0o600
+    assert journal_modes == [0o600]
 
 
 def test_hand_made_temp_leftovers_are_listed_not_yielded(store):

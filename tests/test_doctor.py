@@ -222,6 +222,27 @@ def test_repair_of_only_temp_leftovers_exits_zero(site):
     assert site.run("doctor", "--storage").exit_code == 0
 
 
+def test_repair_leaves_folders_and_links_under_tmp_alone(site):
+    """--repair removes the temp file but reports (never follows or deletes) a folder or a link."""
+    plant_temp(site)
+    store = site.store()
+    folder = store.tmp_dir / "someone-made-this"
+    (folder / "inside").mkdir(parents=True)
+    (folder / "inside" / "keep.txt").write_bytes(b"keep")
+    target = site.settings.data_path / "precious.txt"
+    target.write_bytes(b"precious")
+    (store.tmp_dir / "link.part").symlink_to(target)
+    result = site.run("doctor", "--storage", "--repair")
+    assert result.exit_code == 1, result.output
+    assert sorted(findings(result)) == [
+        "temp leftover: link.part (not a plain file; left alone)",
+        "temp leftover: someone-made-this (not a plain file; left alone)"]
+    assert "removed 1 temp leftovers" in result.stdout.splitlines()
+    assert result.stderr == ""
+    assert (folder / "inside" / "keep.txt").read_bytes() == b"keep"
+    assert target.read_bytes() == b"precious" and (store.tmp_dir / "link.part").is_symlink()
+
+
 def test_sample_authenticates_only_n_blobs(site):
     """--sample N authenticates N blobs; still compares every file with every row."""
     for n in range(5):

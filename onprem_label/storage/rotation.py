@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from onprem_label.storage import format as fmt
-from onprem_label.storage.blobstore import EncryptedBlobStore, check_blob_id
+from onprem_label.storage.blobstore import EncryptedBlobStore, check_blob_id, private_opener
 from onprem_label.storage.format import IntegrityError
 from onprem_label.storage.keyring import (Keyring, _b64, _unb64, new_passphrase_params, next_key_path,
                                           passphrase_key, read_state, write_state)
@@ -94,7 +94,7 @@ def rewrap_blob(store: EncryptedBlobStore, blob_id: str, old_key: bytes, new_id:
     raw = fmt.Header(**{**fresh.__dict__, "mac": keys.header_mac(fresh.signed_part())}).to_bytes()
     folder = journal_dir(store)
     temp = folder / (blob_id + ".tmp")
-    with open(temp, "wb") as fh:
+    with open(temp, "wb", opener=private_opener) as fh:
         fh.write(raw)
         fh.flush()
         os.fsync(fh.fileno())
