@@ -15,13 +15,14 @@ from onprem_label.auth.sessions import SessionPolicy
 from onprem_label.clock import utcnow
 from onprem_label.config import Settings, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
+from onprem_label.imaging.prepare import link_key, prepare_options
 from onprem_label.storage import Keyring, open_keyring, open_store
-from onprem_label.web import errors, login, security
+from onprem_label.web import errors, login, security, uploads
 from onprem_label.web.context import Services, close_db
 from onprem_label.web.sessions import ServerSessionInterface
 
 SESSION_COOKIE = "olsession"
-MAX_FORM_BYTES = 1 << 20  # uploads get their own streamed limit (ingest issue)
+MAX_FORM_BYTES = 1 << 20  # upload endpoints get their own streamed limit (web/uploads.py)
 
 
 class RowIdConverter(IntegerConverter):
@@ -63,12 +64,16 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
         rate_limiter=AddressRateLimiter(settings.address_rate_limit,
                                         timedelta(minutes=settings.address_rate_window_minutes)),
         head_revision=migrate.head_revision(engine),
+        keyring=keyring,
+        ingest_options=prepare_options(settings, keyring),
+        link_key=link_key(settings, keyring),
     )
     app.url_map.converters["id"] = RowIdConverter
     app.session_interface = ServerSessionInterface()
     app.teardown_appcontext(close_db)
 
     # Order matters: who is calling, unstorable input, CSRF (bearer calls are exempt), the gate.
+    app.before_request(uploads.limit_streamed_upload)  # before anything could read the body
     login.init_app(app)
     app.before_request(security.reject_nul_bytes)
     app.before_request(security.check_csrf)
@@ -78,8 +83,8 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
 
     from onprem_label.web.api import bp as api_bp
     from onprem_label.web.health import bp as health_bp
-    from onprem_label.web.pages import admin, auth, home
+    from onprem_label.web.pages import admin, auth, home, items
 
-    for blueprint in (health_bp, auth.bp, home.bp, admin.bp, api_bp):
+    for blueprint in (health_bp, auth.bp, home.bp, admin.bp, items.bp, api_bp):
         app.register_blueprint(blueprint)
     return app

@@ -119,10 +119,18 @@ def init(ctx: click.Context, admin_name: str, demo: bool) -> None:
                                  must_change_password=True, now=now)
             record(db, AuditAction.SYSTEM_INIT, object_type="system",
                    details={"data_dir": str(data), "version": __version__}, now=now)
+            project = None
             if demo:
                 from onprem_label.demo import create_demo_project
-                create_demo_project(db, now=now)
+                project = create_demo_project(db, now=now)
             db.commit()
+            if project is not None:
+                from onprem_label.demo import add_demo_images
+                from onprem_label.imaging.prepare import prepare_options
+
+                results = add_demo_images(db, open_store(settings, keyring), prepare_options(settings, keyring),
+                                          project, now=now)
+                click.echo(f"demo project with {sum(r.status == 'imported' for r in results)} synthetic images")
         click.echo(f"admin username: {admin_name}")
         click.echo(f"admin one-time password: {password}")
         click.echo("(it must be changed at first login)")
@@ -207,6 +215,9 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
     from onprem_label.app import create_app
 
     app = create_app(settings, keyring=keyring)
+    from onprem_label.web.uploads import remove_stale_staging
+
+    remove_stale_staging(settings.data_path)  # uploads a crashed process left half-way (sealed)
     proxy = {}
     if settings.trusted_proxy:
         proxy = {"trusted_proxy": settings.trusted_proxy, "trusted_proxy_count": 1,
@@ -280,6 +291,7 @@ def db_check(ctx: click.Context) -> None:
 
 
 from onprem_label.cli_accounts import config_group, token_group, user_group  # noqa: E402
+from onprem_label.cli_ingest import ingest, project_group  # noqa: E402
 from onprem_label.cli_storage import doctor, key_group  # noqa: E402
 
 cli.add_command(key_group)
@@ -287,6 +299,8 @@ cli.add_command(doctor)
 cli.add_command(user_group)
 cli.add_command(token_group)
 cli.add_command(config_group)
+cli.add_command(project_group)
+cli.add_command(ingest)
 
 
 def main() -> None:

@@ -106,6 +106,32 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("require_totp_roles", "list", [],
             "Roles whose members must enrol a TOTP second factor before they can work.",
             choices=ROLES),
+    Setting("upload_max_file_bytes", "int", 2 << 30,
+            "Largest file accepted by upload or ingest, in bytes; an upload request larger than this "
+            "(plus 1 MiB for the form) gets 413 before its body is read.",
+            minimum=1024, maximum=1 << 40),
+    Setting("ingest_zip_max_files", "int", 100_000,
+            "Most members read from one zip archive by `ingest`; a larger archive is rejected.",
+            minimum=1, maximum=10_000_000),
+    Setting("ingest_zip_max_bytes", "int", 64 << 30,
+            "Most uncompressed bytes read from one zip archive by `ingest` (zip bombs).",
+            minimum=1024, maximum=1 << 44),
+    Setting("ingest_workers", "int", 0,
+            "Processes that decode and de-identify files during `ingest`; 0 = one per CPU core.",
+            minimum=0, maximum=64),
+    Setting("raster_max_pixels", "int", 89_478_485,
+            "Largest picture (width x height) accepted; larger ones are rejected as possible "
+            "decompression bombs before their pixels are decoded. The default is Pillow's own "
+            "warning threshold; Pillow refuses anything above twice that.",
+            minimum=1, maximum=178_956_970),
+    Setting("deid_date_shift_days", "int", 0,
+            "0: dates are removed as the DICOM Basic Confidentiality Profile says. Any other value: "
+            "every date is shifted by this many days instead (Retain Longitudinal Temporal "
+            "Information with Modified Dates Option); keep the value secret.",
+            minimum=-36500, maximum=36500, secret=True),
+    Setting("deid_linkage", "bool", False,
+            "Keep an encrypted table linking original DICOM identifiers to the new ones (for "
+            "re-identification by an authorised person). Off: originals cannot be traced back.",),
     Setting("log_level", "str", "info", "Application log level.",
             choices=("debug", "info", "warning", "error")),
 )

@@ -22,7 +22,7 @@ from onprem_label.cli import cli
 from onprem_label.clock import utcnow
 from onprem_label.config import CONFIG_FILE_NAME, ENV_PREFIX, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
-from onprem_label.db.models import ApiToken, AuditEvent, LoginSession, Project, User
+from onprem_label.db.models import Item, ApiToken, AuditEvent, LoginSession, Project, User
 from onprem_label.storage import init_keyring
 from onprem_label.storage.keys import create_key_file
 
@@ -210,13 +210,17 @@ def test_init_twice_initialises_nothing_twice(fresh):
 
 
 def test_init_demo_creates_the_demo_project(fresh):
-    """init --demo adds the demo project with a label schema; --admin names the first admin."""
+    """init --demo adds the demo project with a schema and 4 de-identified synthetic images."""
     result = fresh.run("init", "--demo", "--admin", "boss")
     assert result.exit_code == 0, result.output
     assert "admin username: boss" in result.stdout
+    assert "demo project with 4 synthetic images" in result.stdout
     projects = fresh.query(lambda db: list(db.scalars(select(Project))))
     assert len(projects) == 1 and projects[0].name.startswith("Demo")
     assert projects[0].label_schema["classes"]
+    items = fresh.query(lambda db: list(db.scalars(select(Item))))
+    assert [(i.kind, i.width, i.height, i.project_id) for i in items] == [("dicom", 256, 256, projects[0].id)] * 4
+    assert audit_actions(fresh).count("item:ingest") == 4
 
 
 def test_init_bad_env_value_writes_nothing(fresh, tmp_path):

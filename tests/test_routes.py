@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from urllib.parse import urlsplit
 
@@ -10,12 +11,14 @@ from flask import url_for
 from sqlalchemy import select, text
 
 from conftest import PASSWORD, csrf_from
+from imaging_helpers import make_dicom, new_project
 from onprem_label.app import create_app
 from onprem_label.audit import AuditAction
 from onprem_label.auth import sessions as core_sessions
 from onprem_label.auth import tokens
 from onprem_label.config import load_settings
 from onprem_label.db.models import AuditEvent, User
+from onprem_label.imaging.ingest import IngestTarget, ingest_stream
 from onprem_label.web.sessions import AUTH_PREFIX
 
 ANON = "anonymous"
@@ -68,6 +71,13 @@ MATRIX = {
     ("api.create_token", "POST"): same_for_roles(401, 201),
     ("api.revoke_token", "DELETE"): same_for_roles(401, 200),  # the caller's own token
     ("api.list_users", "GET"): row(401, 200, 403, 403, 403, 403),
+    ("api.upload_items", "POST"): row(401, 400, 400, 403, 403, 403),  # not multipart: a 400
+    ("api.list_items", "GET"): row(401, 200, 200, 200, 200, 403),
+    ("api.get_item", "GET"): row(401, 200, 200, 200, 200, 403),
+    ("api.item_image", "GET"): row(401, 200, 200, 200, 200, 403),
+    ("api.item_thumbnail", "GET"): row(401, 200, 200, 200, 200, 403),
+    ("api.clear_pixel_check", "POST"): row(401, 200, 200, 403, 403, 403),
+    ("items.item", "GET"): row(LOGIN, 200, 200, 200, 200, 403),
 }
 
 # What each state-changing request sends (besides a valid CSRF token).
@@ -100,7 +110,18 @@ def people(app, make_user, db, clock) -> dict:
         ids[name], ids[f"{name}_token"] = user.id, token.id
     db.commit()
     ids[f"{ANON}_token"] = ids["target_token"]
+    ids["project"], ids["item"] = _project_with_item(app, db, clock)
     return ids
+
+
+def _project_with_item(app, db, clock) -> tuple[int, int]:
+    """A project holding one ingested DICOM item (through the core, as the CLI would)."""
+    svc = app.extensions["onprem_label"]
+    project = new_project(db)
+    result = ingest_stream(db, svc.store, IngestTarget(project, "cli", actor_name="test"), svc.ingest_options,
+                           io.BytesIO(make_dicom()), "ct.dcm", now=clock())
+    assert result.status == "imported", result
+    return project, result.item_id
 
 
 def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
@@ -108,7 +129,14 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
     args = {"static": {"filename": "style.css"},
             "admin.user_detail": {"user_id": ids["target"]},
             "admin.user_action": {"user_id": ids["target"], "action": "unlock"},
-            "api.revoke_token": {"token_id": ids[f"{who}_token"]}}.get(endpoint, {})
+            "api.revoke_token": {"token_id": ids[f"{who}_token"]},
+            "api.upload_items": {"project_id": ids["project"]},
+            "api.list_items": {"project_id": ids["project"]},
+            "api.get_item": {"item_id": ids["item"]},
+            "api.item_image": {"item_id": ids["item"]},
+            "api.item_thumbnail": {"item_id": ids["item"]},
+            "api.clear_pixel_check": {"item_id": ids["item"]},
+            "items.item": {"item_id": ids["item"]}}.get(endpoint, {})
     with app.test_request_context():
         return url_for(endpoint, **args)
 

@@ -35,3 +35,12 @@ class AuditAction(StrEnum):
     SYSTEM_INIT = "system:init"
     KEY_ROTATE = "key:rotate"
     STORAGE_REPAIR = "storage:repair"
+
+    PROJECT_CREATE = "project:create"
+
+    ITEM_INGEST = "item:ingest"
+    ITEM_DUPLICATE = "item:duplicate"
+    ITEM_REJECT = "item:reject"
+    ITEM_VIEW = "item:view"
+    IMAGE_READ = "image:read"
+    ITEM_PIXEL_CHECK_CLEAR = "item:pixel_check_clear"

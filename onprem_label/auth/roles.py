@@ -15,6 +15,7 @@ class Permission(StrEnum):
     LABEL = "label"
     REVIEW = "review"
     READ_AUDIT = "read_audit"
+    READ_ITEMS = "read_items"
 
 
 # Which global role grants which permission. Project roles (issue 5) narrow this per project.
@@ -24,6 +25,8 @@ GRANTS: dict[Permission, frozenset[str]] = {
     Permission.LABEL: frozenset({"labeler", "reviewer"}),
     Permission.REVIEW: frozenset({"reviewer"}),
     Permission.READ_AUDIT: frozenset({"auditor"}),
+    # Until project membership narrows it (workflow issue): everyone who works on images.
+    Permission.READ_ITEMS: frozenset({"admin", "manager", "labeler", "reviewer"}),
 }
 
 assert all(role in ROLES for roles in GRANTS.values() for role in roles)

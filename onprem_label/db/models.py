@@ -1,11 +1,12 @@
-"""Models of the foundation: users, login sessions, API tokens, projects, members, audit events."""
+"""Models: users, sessions, tokens, projects, members, blobs, audit events, items and their images."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, Float, ForeignKey, Index, Integer,
+                        LargeBinary, String, Text, UniqueConstraint)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -175,3 +176,103 @@ class AuditEvent(Base):
 
 __all__ = ["ApiToken", "AuditEvent", "Blob", "LoginSession", "PROJECT_ROLES", "Project", "ProjectMember",
            "ROLES", "User"]
+
+
+ITEM_KINDS = ("dicom", "raster")
+
+
+class Item(Base):
+    """One unit of labeling work: a picture, a DICOM instance (one or more frames) or a series stack.
+
+    Its frames are the frames of its images in `position` order. Every value here is
+    de-identified; the original identifiers never reach the database (see DeidLink).
+    """
+
+    __tablename__ = "items"
+    __table_args__ = (
+        CheckConstraint("kind IN ('dicom', 'raster')", name="kind"),
+        Index("ix_items_project_id_series_uid", "project_id", "series_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="RESTRICT"), index=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    is_stack: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Burned-in text suspected: kept out of exports until a manager has looked at the pixels.
+    needs_pixel_check: Mapped[bool] = mapped_column(Boolean, default=False)
+    pixel_check_reasons: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    pixel_check_cleared_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    pixel_check_cleared_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(String(16))  # upload | cli | dicom
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    images: Mapped[list[ItemImage]] = relationship(back_populates="item", order_by="ItemImage.position",
+                                                   cascade="all, delete-orphan")
+
+
+class ItemImage(Base):
+    """One stored file of an item: a de-identified DICOM instance or one page of a picture.
+
+    `source_digest` is a keyed hash of the file as it arrived (never the file), so the same
+    file ingested twice into a project is reported as a duplicate.
+    """
+
+    __tablename__ = "item_images"
+    __table_args__ = (
+        UniqueConstraint("project_id", "source_digest", "source_page", name="uq_item_images_source"),
+        UniqueConstraint("project_id", "instance_uid", name="uq_item_images_instance"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="RESTRICT"))
+    position: Mapped[int] = mapped_column(Integer)  # renumbered when a stack gains an instance
+    blob_id: Mapped[str] = mapped_column(ForeignKey("blobs.id", ondelete="RESTRICT"), index=True)
+    source_digest: Mapped[str] = mapped_column(String(64))
+    source_page: Mapped[int] = mapped_column(Integer, default=0)
+    instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sort_key: Mapped[float] = mapped_column(Float, default=0.0)  # order within a series stack
+    frames: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    # De-identified facts needed to show it (modality, photometric, windows) and the report of
+    # what de-identification did (keywords and counts, never values).
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    deid_report: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    item: Mapped[Item] = relationship(back_populates="images")
+
+
+class Rendition(Base):
+    """A cached rendering (a frame's PNG at one window, or a thumbnail) of a stored image blob."""
+
+    __tablename__ = "renditions"
+
+    source_blob_id: Mapped[str] = mapped_column(ForeignKey("blobs.id", ondelete="CASCADE"),
+                                                primary_key=True)
+    frame: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[str] = mapped_column(String(64), primary_key=True)  # e.g. "default", "w400c40", "thumb256"
+    blob_id: Mapped[str] = mapped_column(ForeignKey("blobs.id", ondelete="RESTRICT"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DeidLink(Base):
+    """Original identifiers of one image, sealed with a key derived from the master key.
+
+    Written only when the admin has switched `deid_linkage` on.
+    """
+
+    __tablename__ = "deid_links"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("item_images.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

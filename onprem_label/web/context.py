@@ -16,7 +16,8 @@ from onprem_label.auth.accounts import LockoutPolicy
 from onprem_label.auth.ratelimit import AddressRateLimiter
 from onprem_label.auth.sessions import SessionPolicy
 from onprem_label.config import Settings
-from onprem_label.storage import EncryptedBlobStore
+from onprem_label.imaging.prepare import PrepareOptions
+from onprem_label.storage import EncryptedBlobStore, Keyring
 
 
 @dataclass
@@ -33,6 +34,9 @@ class Services:
     session_policy: SessionPolicy
     rate_limiter: AddressRateLimiter
     head_revision: str
+    keyring: Keyring
+    ingest_options: PrepareOptions
+    link_key: bytes | None = None
     extra: dict = field(default_factory=dict)
 
 

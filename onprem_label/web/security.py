@@ -10,6 +10,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from onprem_label.audit import AuditAction, record
 from onprem_label.web.context import audit_context, db, is_api_request, now, request_id, services
+from onprem_label.web.uploads import is_streamed_upload
 
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
@@ -39,7 +40,9 @@ def check_csrf() -> None:
         # header on their own, so it carries no ambient authority to forge.
         return
     expected = session.get("csrf")
-    sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
+    # A streamed upload's body is decoded by its handler (web/uploads.py): header only here.
+    form_token = "" if is_streamed_upload() else request.form.get(CSRF_FIELD, "")
+    sent = request.headers.get(CSRF_HEADER) or form_token
     if expected and sent and hmac.compare_digest(str(sent).encode(), expected.encode()):
         return
     user = getattr(session, "user", None)
@@ -94,7 +97,8 @@ def reject_nul_bytes() -> None:
     PostgreSQL cannot store NUL in text, so such input would otherwise end in a 500 wherever
     it reached the database (a lookup, an audit row).
     """
-    sources = [request.args] + ([request.form] if request.method not in SAFE_METHODS else [])
+    reads_form = request.method not in SAFE_METHODS and not is_streamed_upload()
+    sources = [request.args] + ([request.form] if reads_form else [])
     fields = [request.path] + [item for source in sources for key, values in source.lists()
                                for item in (key, *values)]
     if request.method not in SAFE_METHODS and request.is_json:

@@ -1,0 +1,164 @@
+"""CLI for projects and image ingest: `project create|list`, `ingest PROJECT PATH...`."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+
+import click
+
+from onprem_label.clock import utcnow
+
+
+def _root(ctx: click.Context):
+    from onprem_label.cli import settings_from
+
+    return settings_from(ctx.find_root())
+
+
+def console_name() -> str:
+    """Who runs a console command, for the audit trail."""
+    try:
+        return f"console:{getpass.getuser()}"[:64]
+    except (KeyError, OSError):
+        return "console"
+
+
+@click.group("project")
+def project_group() -> None:
+    """Projects (schemas and members come with the workflow issue)."""
+
+
+@project_group.command("create")
+@click.argument("name")
+@click.option("--description", default="", help="What the project is for.")
+@click.option("--stack-series/--no-stack-series", default=False, show_default=True,
+              help="Group the DICOM instances of one series into one item (a stack).")
+@click.pass_context
+def project_create(ctx, name: str, description: str, stack_series: bool) -> None:
+    """Create a project."""
+    from onprem_label.cli import CliError, open_database
+    from onprem_label.workflow.projects import ProjectError, create_project
+
+    engine, make_session = open_database(_root(ctx))
+    try:
+        with make_session() as db:
+            try:
+                project = create_project(db, name, description=description,
+                                         settings={"stack_series": stack_series},
+                                         actor_name=console_name(), now=utcnow())
+            except ProjectError as exc:
+                raise CliError(str(exc)) from None
+            db.commit()
+            click.echo(f"created project {project.id}: {project.name}")
+    finally:
+        engine.dispose()
+
+
+@project_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def project_list(ctx, as_json: bool) -> None:
+    """List projects with their item counts."""
+    from sqlalchemy import func, select
+
+    from onprem_label.cli import open_database
+    from onprem_label.db.engine import read_only
+    from onprem_label.db.models import Item, Project
+
+    engine, make_session = open_database(_root(ctx))
+    try:
+        with make_session() as db, read_only(db):
+            counts = dict(db.execute(select(Item.project_id, func.count()).group_by(Item.project_id)).all())
+            rows = [{"id": p.id, "name": p.name, "items": counts.get(p.id, 0)}
+                    for p in db.scalars(select(Project).order_by(Project.id))]
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    for row in [] if as_json else rows:
+        click.echo(f"{row['id']:>5}  {row['items']:>7} items  {row['name']}")
+
+
+@click.command("ingest")
+@click.argument("project")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write one JSON line per file (imported / duplicate / rejected and why); '-' for stdout.")
+@click.option("--workers", type=int, default=None,
+              help="Processes that decode and de-identify (default: the ingest_workers setting).")
+@click.pass_context
+def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, workers: int | None) -> None:
+    """Import images (files, folders, zip archives) into PROJECT (its id or name)."""
+    from onprem_label.cli import CliError, ask_passphrase, open_database
+    from onprem_label.imaging.batch import run_batch
+    from onprem_label.imaging.errors import Rejected
+    from onprem_label.imaging.ingest import (IngestTarget, find_duplicate, record_duplicate, record_rejection,
+                                             store_prepared)
+    from onprem_label.imaging.prepare import link_key, prepare_options
+    from onprem_label.imaging.sources import ZipLimits, iter_sources
+    from onprem_label.storage import open_keyring, open_store
+    from onprem_label.workflow.projects import ProjectError, find_project
+
+    settings = _root(ctx)
+    keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
+    store, options = open_store(settings, keyring), prepare_options(settings, keyring)
+    workers = workers if workers is not None else settings.ingest_workers or os.cpu_count() or 1
+    if workers < 1:
+        raise CliError("--workers must be at least 1")
+    engine, make_session = open_database(settings)
+    limits = ZipLimits(settings.ingest_zip_max_files, settings.ingest_zip_max_bytes)
+    counts: Counter = Counter()
+    started = time.monotonic()
+    with ExitStack() as stack:
+        stack.callback(engine.dispose)
+        db = stack.enter_context(make_session())
+        try:
+            project_id = find_project(db, project).id
+        except ProjectError as exc:
+            raise CliError(str(exc)) from None
+        db.rollback()
+        target = IngestTarget(project_id, "cli", actor_name=console_name(), link_key=link_key(settings, keyring))
+        report = _open_report(stack, report_path)
+        sources = list(iter_sources(list(paths), limits))
+        bar = stack.enter_context(click.progressbar(length=len(sources), label="ingest", file=sys.stderr,
+                                                    show_pos=True))
+
+        def handle(source, outcome) -> None:
+            now = utcnow()
+            if isinstance(outcome, Rejected):
+                result = record_rejection(db, target, source.name, outcome, now=now)
+            elif (dup := find_duplicate(db, project_id, outcome.digest)) is not None:
+                result = record_duplicate(db, target, source.name, dup, now=now)
+            else:
+                result = store_prepared(db, store, target, outcome, source.name, now=now)
+            counts[result.status] += 1
+            if report is not None:
+                line = result.to_json()
+                report.write(json.dumps({"path": line.pop("name"), **line}) + "\n")
+            bar.update(1)
+
+        run_batch(sources, options, workers, handle)
+    seconds = time.monotonic() - started
+    total = sum(counts.values())
+    click.echo(f"ingest: {counts['imported']} imported, {counts['duplicate']} duplicates, "
+               f"{counts['rejected']} rejected ({total} files in {seconds:.1f} s, "
+               f"{total / seconds if seconds else 0:.1f} files/s)", err=report_path == "-")
+
+
+def _open_report(stack: ExitStack, path: str | None):
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdout
+    try:
+        return stack.enter_context(open(path, "w", encoding="utf-8"))
+    except OSError as exc:
+        from onprem_label.cli import CliError
+
+        raise CliError(f"cannot write the report {path}: {exc.strerror}") from None

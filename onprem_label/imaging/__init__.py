@@ -1,0 +1,1 @@
+"""Image ingest: DICOM and raster reading, de-identification, rendering, thumbnails."""

@@ -1,0 +1,1 @@
+"""Labeling work: projects, tasks, leases, the review loop, quality and people."""
