@@ -7,6 +7,8 @@ import io
 import pydicom
 import pytest
 from PIL import Image
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
 from sqlalchemy import func, select
 
 from imaging_helpers import (PATIENT, PATIENT_ID, bearer_for, find_markers, make_dicom, new_project,
@@ -327,3 +329,40 @@ def test_stale_staging_folders_are_removed_fresh_ones_kept(tmp_path):
     assert remove_stale_staging(tmp_path, now=now) == 1
     assert not old.exists() and (fresh / "ab" / "blob").exists()
     assert remove_stale_staging(tmp_path / "nowhere", now=now) == 0
+
+
+def test_reference_file_leaks_nothing_through_store_png_or_json(client, db, manager, project, app):
+    """The PS3.15 reference file (every table tag at three depths, private data, hostile preamble)
+    uploaded through the API: no marker, original UID or preamble byte in the stored copy, the
+    PNG, the thumbnail, the item JSON or anywhere in the raw data directory."""
+    from test_deidentify import PREAMBLE, ROOT, _reference
+
+    out = io.BytesIO()
+    _reference().save_as(out, enforce_file_format=True)
+    response = upload(client, project, [("reference.dcm", out.getvalue())], manager)
+    assert response.status_code == 200, response.get_json()
+    item_id = response.get_json()["results"][0]["item_id"]
+    svc = app.extensions["onprem_label"]
+    with svc.store.open(db.scalars(select(ItemImage)).one().blob_id) as reader:
+        stored = reader.read()
+    db.rollback()
+    answers = [client.get(f"/api/v1/items/{item_id}", headers=manager).data,
+               client.get(f"/api/v1/items/{item_id}/image", headers=manager).data,
+               client.get(f"/api/v1/items/{item_id}/thumbnail", headers=manager).data]
+    assert stored[:128] == b"\0" * 128 and pydicom.dcmread(io.BytesIO(stored)).PatientIdentityRemoved == "YES"
+    for blob in [stored, *answers, *raw_files(svc.settings.data_path).values()]:
+        assert b"MARK" not in blob and ROOT.encode() not in blob and PREAMBLE[:32] not in blob
+
+
+def test_large_multi_chunk_upload_streams_through(client, db, manager, project):
+    """A 6 MiB DICOM and a 2 MiB one in one request (many reads, many store chunks) both import."""
+    big = make_dicom(rows=1024, columns=1024, frames=3, seed=1)
+    medium = make_dicom(rows=1024, columns=1024, seed=2)
+    assert len(big) > 6 << 20 and len(medium) > 2 << 20
+    # Encoded here: the test client would spool a body this big to a temp file it never closes.
+    boundary, body = encode_multipart({"files": [FileStorage(io.BytesIO(big), "big.dcm"),
+                                                 FileStorage(io.BytesIO(medium), "medium.dcm")]})
+    response = raw_post(client, project, manager, body, length=len(body),
+                        content_type=f"multipart/form-data; boundary={boundary}")
+    results = response.get_json()["results"]
+    assert [(r["status"], r["frames"]) for r in results] == [("imported", 3), ("imported", 1)]

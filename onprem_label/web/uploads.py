@@ -98,7 +98,9 @@ def stage_files(staging: EncryptedBlobStore, max_file_bytes: int) -> list[Staged
     if content_type != "multipart/form-data" or not boundary:
         raise MalformedUpload("Send the files as multipart/form-data.")
     try:
-        events = _Events(request.stream, MultipartDecoder(boundary.encode("latin-1"), 64 << 10,
+        # No decoder memory limit: it buffers at most one read (_READ) plus a boundary, because
+        # events are pulled before more is read; parts are bounded by the _PartReader limits.
+        events = _Events(request.stream, MultipartDecoder(boundary.encode("latin-1"), None,
                                                           max_parts=MAX_PARTS))
         staged = []
         while not isinstance(event := events.next(), Epilogue):
