@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -10,10 +9,8 @@ from typing import Callable, Iterable
 
 from onprem_label.imaging import errors
 from onprem_label.imaging.errors import Rejected
-from onprem_label.imaging.prepare import Prepared, PrepareOptions, prepare_file
+from onprem_label.imaging.prepare import Prepared, PrepareOptions, prepare_or_reject
 from onprem_label.imaging.sources import Source, open_source
-
-log = logging.getLogger("onprem_label.imaging")
 
 
 def prepare_source(source: Source, options: PrepareOptions) -> Prepared | Rejected:
@@ -22,16 +19,11 @@ def prepare_source(source: Source, options: PrepareOptions) -> Prepared | Reject
         return source.problem
     try:
         with open_source(source) as stream:
-            return prepare_file(stream, options)
+            return prepare_or_reject(stream, options)
     except Rejected as exc:
         return exc
-    except RecursionError:
-        return Rejected(errors.CORRUPT, "the file is nested too deeply to read")
-    except MemoryError:
-        return Rejected(errors.TOO_LARGE, "the file needs more memory than this server has")
-    except Exception as exc:  # noqa: BLE001 - a parser bug on a strange file must not end the batch
-        log.exception("unexpected error preparing a file")
-        return Rejected(errors.CORRUPT, f"unexpected error while reading the file ({type(exc).__name__})")
+    except OSError as exc:  # closing a source that vanished mid-read
+        return Rejected(errors.NOT_AN_IMAGE, f"cannot read the file ({exc.strerror})")
 
 
 def run_batch(sources: Iterable[Source], options: PrepareOptions, workers: int,

@@ -18,7 +18,7 @@ from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import Blob, DeidLink, Item, ItemImage, Project, User
 from onprem_label.imaging.errors import Rejected
-from onprem_label.imaging.prepare import (Prepared, PrepareOptions, PreparedImage, prepare_file,
+from onprem_label.imaging.prepare import (Prepared, PrepareOptions, PreparedImage, prepare_or_reject,
                                           source_digest)
 from onprem_label.storage import EncryptedBlobStore
 
@@ -68,7 +68,7 @@ def ingest_stream(db: Session, store: EncryptedBlobStore, target: IngestTarget, 
         duplicate = find_duplicate(db, target.project_id, digest)
         if duplicate is not None:
             return record_duplicate(db, target, name, duplicate, now=now)
-        prepared = prepare_file(stream, options, digest=digest)
+        prepared = prepare_or_reject(stream, options, digest=digest)
     except Rejected as exc:
         return record_rejection(db, target, name, exc, now=now)
     return store_prepared(db, store, target, prepared, name, now=now)

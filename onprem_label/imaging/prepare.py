@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -18,6 +19,7 @@ from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.raster import load_raster
 
 _READ = 1 << 20
+log = logging.getLogger("onprem_label.imaging")
 
 # Original identifiers kept (sealed) in the linkage table when an admin has switched it on.
 LINK_KEYWORDS = ("PatientID", "PatientName", "AccessionNumber", "StudyInstanceUID",
@@ -99,6 +101,25 @@ def prepare_file(stream: BinaryIO, options: PrepareOptions, *, digest: str | Non
             raise Rejected(errors.NOT_AN_IMAGE,
                            "neither a DICOM file nor a PNG, JPEG, TIFF or BMP picture") from None
         raise
+
+
+def prepare_or_reject(stream: BinaryIO, options: PrepareOptions, *, digest: str | None = None) -> Prepared:
+    """prepare_file, with any unexpected failure on a strange file turned into a Rejected.
+
+    A parser bug met on one hostile file must cost that file, never the batch or the request;
+    it is logged with its trace for the operator.
+    """
+    try:
+        return prepare_file(stream, options, digest=digest)
+    except Rejected:
+        raise
+    except RecursionError:
+        raise Rejected(errors.CORRUPT, "the file is nested too deeply to read") from None
+    except MemoryError:
+        raise Rejected(errors.TOO_LARGE, "the file needs more memory than this server has") from None
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.exception("unexpected error preparing a file")
+        raise Rejected(errors.CORRUPT, f"unexpected error while reading the file ({type(exc).__name__})") from None
 
 
 def _is_picture(stream: BinaryIO) -> bool:
