@@ -114,17 +114,25 @@ def check_pixels(ds: Dataset) -> PixelFacts:
             raise Rejected(errors.CORRUPT, "the image attributes (bits, samples) are missing or invalid") from None
         if len(ds.PixelData) < expected:
             raise Rejected(errors.TRUNCATED, f"truncated pixel data: {len(ds.PixelData)} of {expected} bytes")
-    for index in sorted({0, frames - 1}):
+    # Compressed: every frame, so that no frame fails later in the viewer (decoders meet each
+    # frame's bytes here first, in an isolated worker: imaging/isolation.py). Uncompressed: the
+    # length check proved every frame is there; the first and last prove the layout.
+    # (pixel_array per frame, not iter_pixels: pydicom 3.0's iterator trips on some J2K files.)
+    indices = range(frames) if syntax.is_compressed else sorted({0, frames - 1})
+    for index in indices:
         _decode_or_reject(ds, index, syntax)
     return PixelFacts(frames, rows, columns, syntax)
 
 
 def _decode_or_reject(ds: Dataset, index: int, syntax: UID) -> None:
+    """Decode frame `index`, every decoder failure turned into a Rejected."""
     try:
         pixel_array(ds, index=index, raw=False)
     except MemoryError:
         raise Rejected(errors.TOO_LARGE, "a frame is too large to decode") from None
-    except Exception as exc:  # noqa: BLE001 - every decoder plugin raises its own types
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - plugins raise their own types; Rust panics are BaseException
         kind = "truncated" if isinstance(exc, EOFError) else "undecodable"
         code = errors.TRUNCATED if kind == "truncated" else errors.CORRUPT
         raise Rejected(code, f"{kind} pixel data (frame {index + 1}, {_syntax_name(syntax)})") from None

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
@@ -61,14 +61,22 @@ def stack_series(project: Project) -> bool:
 
 
 def ingest_stream(db: Session, store: EncryptedBlobStore, target: IngestTarget, options: PrepareOptions,
-                  stream: BinaryIO, name: str, *, now: datetime) -> IngestResult:
-    """Prepare and store one file, committing it (or its rejection) with its audit event."""
+                  stream: BinaryIO, name: str, *, now: datetime,
+                  prepare: Callable[[BinaryIO, str], Prepared] | None = None) -> IngestResult:
+    """Prepare and store one file, committing it (or its rejection) with its audit event.
+
+    `prepare(stream, digest)` does the decoding; the web passes one that runs in an isolated
+    worker (imaging/isolation.py). By default it runs here, for trusted callers and tests.
+    """
     try:
         digest = source_digest(stream, options.digest_key, options.max_bytes)
         duplicate = find_duplicate(db, target.project_id, digest)
         if duplicate is not None:
             return record_duplicate(db, target, name, duplicate, now=now)
-        prepared = prepare_or_reject(stream, options, digest=digest)
+        if prepare is None:
+            prepared = prepare_or_reject(stream, options, digest=digest)
+        else:
+            prepared = prepare(stream, digest)
     except Rejected as exc:
         return record_rejection(db, target, name, exc, now=now)
     return store_prepared(db, store, target, prepared, name, now=now)

@@ -117,7 +117,9 @@ def prepare_or_reject(stream: BinaryIO, options: PrepareOptions, *, digest: str 
         raise Rejected(errors.CORRUPT, "the file is nested too deeply to read") from None
     except MemoryError:
         raise Rejected(errors.TOO_LARGE, "the file needs more memory than this server has") from None
-    except Exception as exc:  # noqa: BLE001 - see the docstring
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - see the docstring; Rust panics are BaseException
         log.exception("unexpected error preparing a file")
         raise Rejected(errors.CORRUPT, f"unexpected error while reading the file ({type(exc).__name__})") from None
 

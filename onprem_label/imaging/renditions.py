@@ -89,5 +89,7 @@ def _display(store: EncryptedBlobStore, item: Item, image: ItemImage, frame: int
             return render.display_array(ds, render.decode_frame(ds, frame), window)
         except RenderError:
             raise
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - decoders raise anything, Rust panics included
             raise RenderError(f"frame {frame + 1} cannot be rendered ({type(exc).__name__})") from None

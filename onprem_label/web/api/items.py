@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flask import Response, jsonify, request
 from flask_login import current_user
 from sqlalchemy import func, select
@@ -10,7 +12,9 @@ from onprem_label.audit import AuditAction, record
 from onprem_label.auth.roles import Permission
 from onprem_label.db.models import Item, Project
 from onprem_label.imaging import renditions
-from onprem_label.imaging.ingest import IMPORTED, DUPLICATE, IngestTarget, ingest_stream
+from onprem_label.imaging.errors import Rejected
+from onprem_label.imaging.ingest import DUPLICATE, IMPORTED, IngestTarget, ingest_stream
+from onprem_label.imaging.isolation import prepare_staged, shared_pool
 from onprem_label.imaging.render import RenderError, window_from_request
 from onprem_label.storage import BlobNotFound, IntegrityError
 from onprem_label.web.api import bp
@@ -61,12 +65,26 @@ def upload_items(project_id: int):
         for file in staged:
             with staging.open(file.blob_id) as stream:
                 results.append(ingest_stream(dbs, svc.store, target, svc.ingest_options, stream, file.name,
-                                             now=now()))
+                                             now=now(), prepare=_isolated(staging, file.blob_id)))
     body = {"results": [r.to_json() for r in results]}
     if not any(r.status in (IMPORTED, DUPLICATE) for r in results):
         body["error"] = {"code": "rejected", "message": "No file could be imported; see results."}
         return jsonify(body), 422
     return jsonify(body), 200
+
+
+def _isolated(staging, blob_id: str):
+    """prepare(stream, digest) for ingest_stream: decoding runs in a worker process."""
+    svc = services()
+
+    def prepare(_stream, digest: str):
+        pool = shared_pool(svc.settings.ingest_workers or os.cpu_count() or 1)
+        outcome = pool.run(prepare_staged, str(staging.root), svc.keyring, blob_id, svc.ingest_options, digest)
+        if isinstance(outcome, Rejected):
+            raise outcome
+        return outcome
+
+    return prepare
 
 
 @bp.get("/projects/<id:project_id>/items")

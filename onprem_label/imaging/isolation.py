@@ -1,0 +1,107 @@
+"""Decoding untrusted files in worker processes: a decoder that crashes costs one file, not the server.
+
+Image decoders are C, C++ and Rust libraries. On hostile input some of them abort the whole
+process (GDCM throws a C++ exception past pydicom: SIGABRT) or hang. So every file is read,
+decoded and de-identified in a spawned worker; if the worker dies, the pool is replaced and the
+files that were in flight are tried once more, each in a pool of its own making, so the file
+that killed a worker twice is rejected and the others go through.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Callable
+
+from onprem_label.imaging import errors
+from onprem_label.imaging.errors import Rejected
+from onprem_label.imaging.prepare import Prepared, PrepareOptions, prepare_or_reject
+from onprem_label.storage import EncryptedBlobStore, Keyring
+
+CRASHED = "the file crashed the image decoder"
+ATTEMPTS = 2
+
+
+class WorkerPool:
+    """A spawned process pool that replaces itself when a worker dies."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args: Any) -> tuple[Future, ProcessPoolExecutor]:
+        """Run fn(*args) in a worker; returns the future and the pool it went to."""
+        with self._lock:
+            if self._pool is None:
+                # spawn, not fork: the parent holds database connections and threads.
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = self._pool
+        try:
+            return pool.submit(fn, *args), pool
+        except BrokenProcessPool:
+            self.renew(pool)
+            return self.submit(fn, *args)
+
+    def renew(self, broken: ProcessPoolExecutor) -> None:
+        """Replace `broken` (if it is still the current pool) with a fresh one on next use."""
+        with self._lock:
+            if self._pool is broken:
+                self._pool = None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def run(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args) in a worker, retried once in a fresh pool if a worker died meanwhile.
+
+        Raises Rejected(CRASHED) when it still dies: this file is the one that kills workers.
+        """
+        for attempt in range(ATTEMPTS):
+            future, pool = self.submit(fn, *args)
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                self.renew(pool)
+        raise Rejected(errors.CORRUPT, CRASHED)
+
+    def close(self) -> None:
+        """Stop the workers."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_shared: dict[int, WorkerPool] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(workers: int) -> WorkerPool:
+    """One pool per process and size: every app in a process (and every test) shares its workers."""
+    with _shared_lock:
+        if workers not in _shared:
+            _shared[workers] = WorkerPool(workers)
+        return _shared[workers]
+
+
+def _forget_pools_in_child() -> None:
+    # A forked child inherits the pools without their manager threads (and maybe a held lock):
+    # it must start its own, never touch the parent's.
+    global _shared, _shared_lock
+    _shared, _shared_lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def prepare_staged(root: str, keyring: Keyring, blob_id: str, options: PrepareOptions,
+                   digest: str) -> Prepared | Rejected:
+    """Worker: prepare an upload sealed in a staging store (decrypted in the worker's memory only)."""
+    try:
+        with EncryptedBlobStore(Path(root), keyring).open(blob_id) as stream:
+            return prepare_or_reject(stream, options, digest=digest)
+    except Rejected as exc:
+        return exc

@@ -1,0 +1,74 @@
+"""Isolated decoding: a worker that dies costs its own file only; the pool comes back."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from imaging_helpers import make_dicom
+from onprem_label.imaging.batch import run_batch
+from onprem_label.imaging.deidentify import DeidSettings
+from onprem_label.imaging.errors import Rejected
+from onprem_label.imaging.isolation import CRASHED, WorkerPool
+from onprem_label.imaging.prepare import Prepared, PrepareOptions
+from onprem_label.imaging.sources import Source
+
+OPTIONS = PrepareOptions(deid=DeidSettings(uid_key=b"k" * 32), digest_key=b"d" * 32,
+                         raster_max_pixels=10**7, max_bytes=1 << 30)
+
+
+def die(code: int) -> int:
+    """Ends the worker process the way a C++ abort would (no Python exception, no cleanup)."""
+    os._exit(code)
+
+
+def square(value: int) -> int:
+    """An innocent job."""
+    return value * value
+
+
+@pytest.fixture
+def pool():
+    """A two-worker pool, stopped after the test."""
+    workers = WorkerPool(2)
+    yield workers
+    workers.close()
+
+
+def test_a_dying_worker_is_a_rejection_and_the_pool_recovers(pool):
+    """run() of a job that kills its worker raises Rejected(CRASHED); the next job runs normally."""
+    assert pool.run(square, 7) == 49
+    with pytest.raises(Rejected) as caught:
+        pool.run(die, 3)
+    assert caught.value.reason == CRASHED and caught.value.code == "corrupt"
+    assert pool.run(square, 9) == 81
+
+
+def test_batch_rejects_only_the_file_that_kills_its_worker(tmp_path):
+    """In a batch, a file whose decoding ends the worker is rejected; files around it are imported."""
+    names = []
+    for n in range(5):
+        path = tmp_path / f"{n}.dcm"
+        path.write_bytes(make_dicom(seed=n))
+        names.append(str(path))
+    killer = tmp_path / "killer.dcm"
+    killer.write_bytes(b"KILL" + make_dicom(seed=99))
+    sources = [Source(name, name) for name in names[:2]] + [Source(str(killer), str(killer))] + \
+              [Source(name, name) for name in names[2:]]
+    outcomes = {}
+    run_batch(sources, OPTIONS, 2, lambda source, outcome: outcomes.__setitem__(source.name, outcome),
+              prepare=prepare_or_die)
+    assert isinstance(outcomes[str(killer)], Rejected) and outcomes[str(killer)].reason == CRASHED
+    assert all(isinstance(outcomes[name], Prepared) for name in names)
+    assert list(outcomes) == [s.name for s in sources]  # results in source order
+
+
+def prepare_or_die(source: Source, options: PrepareOptions):
+    """prepare_source, except that a file starting with KILL ends the worker process."""
+    from onprem_label.imaging.batch import prepare_source
+
+    with open(source.path, "rb") as fh:
+        if fh.read(4) == b"KILL":
+            os._exit(134)
+    return prepare_source(source, options)
