@@ -37,23 +37,34 @@ def project_group() -> None:
 @project_group.command("create")
 @click.argument("name")
 @click.option("--description", default="", help="What the project is for.")
+@click.option("--schema", "schema_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Label schema as JSON (classes and questions; see DESIGN.md). Tasks are handed out "
+                   "only once a project has one.")
 @click.option("--stack-series/--no-stack-series", default=False, show_default=True,
               help="Group the DICOM instances of one series into one item (a stack).")
 @click.pass_context
-def project_create(ctx, name: str, description: str, stack_series: bool) -> None:
+def project_create(ctx, name: str, description: str, schema_file, stack_series: bool) -> None:
     """Create a project."""
     from onprem_label.cli import CliError, open_database
-    from onprem_label.workflow.projects import ProjectError, create_project
+    from onprem_label.workflow.errors import WorkflowError
+    from onprem_label.workflow.projects import create_project
 
+    schema = None
+    if schema_file is not None:
+        try:
+            schema = json.load(schema_file)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CliError(f"the schema file is not JSON: {exc}") from None
     engine, make_session = open_database(_root(ctx))
     try:
         with make_session() as db:
             try:
-                project = create_project(db, name, description=description,
+                project = create_project(db, name, description=description, label_schema=schema,
                                          settings={"stack_series": stack_series},
                                          actor_name=console_name(), now=utcnow())
-            except ProjectError as exc:
-                raise CliError(str(exc)) from None
+            except WorkflowError as exc:
+                details = "; ".join(f"{e['field']}: {e['message']}" for e in exc.extra.get("errors", [])[:5])
+                raise CliError(f"{exc}{' (' + details + ')' if details else ''}") from None
             db.commit()
             click.echo(f"created project {project.id}: {project.name}")
     finally:

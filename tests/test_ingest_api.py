@@ -194,13 +194,19 @@ def test_browser_upload_needs_the_csrf_header_and_is_not_parsed_without_it(clien
 
 
 def test_roles_for_upload_and_reading(client, db, make_user, clock, manager, project):
-    """Labelers read items but cannot upload; auditors read neither; unknown projects are 404."""
+    """Members who label read items but cannot upload; non-members and auditors see nothing (404/403)."""
     item_id = upload(client, project, [("ct.dcm", make_dicom())], manager).get_json()["results"][0]["item_id"]
     labeler = bearer_for(db, make_user("lee", "labeler"), clock)
+    stranger = bearer_for(db, make_user("stan", "labeler"), clock)
     auditor = bearer_for(db, make_user("aud", "auditor"), clock)
+    added = client.post(f"/api/v1/projects/{project}/members", headers=manager,
+                        json={"username": "lee", "role": "labeler"})
+    assert added.status_code == 201
     assert upload(client, project, [("x.dcm", make_dicom(seed=3))], labeler).status_code == 403
     assert client.get(f"/api/v1/items/{item_id}", headers=labeler).status_code == 200
     assert client.get(f"/api/v1/items/{item_id}/image", headers=labeler).status_code == 200
+    assert client.get(f"/api/v1/items/{item_id}", headers=stranger).status_code == 404
+    assert client.get(f"/api/v1/items/{item_id}/image", headers=stranger).status_code == 404
     assert client.get(f"/api/v1/items/{item_id}", headers=auditor).status_code == 403
     assert client.get(f"/api/v1/items/{item_id}/image", headers=auditor).status_code == 403
     assert upload(client, 999, [("x.dcm", make_dicom(seed=4))], manager).status_code == 404
@@ -301,6 +307,7 @@ def test_markup_in_dicom_text_shows_as_text(client, db, make_user, auth, manager
                       Manufacturer='"><img src=x onerror=alert(2)>')
     item_id = upload(client, project, [("x.dcm", data)], manager).get_json()["results"][0]["item_id"]
     make_user("viv", "reviewer")
+    client.post(f"/api/v1/projects/{project}/members", headers=manager, json={"username": "viv", "role": "reviewer"})
     auth.login("viv")
     page = client.get(f"/items/{item_id}")
     assert page.status_code == 200

@@ -17,7 +17,7 @@ from onprem_label.audit import AuditAction
 from onprem_label.auth import sessions as core_sessions
 from onprem_label.auth import tokens
 from onprem_label.config import load_settings
-from onprem_label.db.models import AuditEvent, User
+from onprem_label.db.models import AuditEvent, Task, User
 from onprem_label.imaging.ingest import IngestTarget, ingest_stream
 from onprem_label.web.sessions import AUTH_PREFIX
 
@@ -72,12 +72,29 @@ MATRIX = {
     ("api.revoke_token", "DELETE"): same_for_roles(401, 200),  # the caller's own token
     ("api.list_users", "GET"): row(401, 200, 403, 403, 403, 403),
     ("api.upload_items", "POST"): row(401, 400, 400, 403, 403, 403),  # not multipart: a 400
-    ("api.list_items", "GET"): row(401, 200, 200, 200, 200, 403),
-    ("api.get_item", "GET"): row(401, 200, 200, 200, 200, 403),
-    ("api.item_image", "GET"): row(401, 200, 200, 200, 200, 403),
-    ("api.item_thumbnail", "GET"): row(401, 200, 200, 200, 200, 403),
+    # Labelers and reviewers who are not members of the project see nothing of it: 404.
+    ("api.list_items", "GET"): row(401, 200, 200, 404, 404, 403),
+    ("api.get_item", "GET"): row(401, 200, 200, 404, 404, 403),
+    ("api.item_image", "GET"): row(401, 200, 200, 404, 404, 403),
+    ("api.item_thumbnail", "GET"): row(401, 200, 200, 404, 404, 403),
     ("api.clear_pixel_check", "POST"): row(401, 200, 200, 403, 403, 403),
-    ("items.item", "GET"): row(LOGIN, 200, 200, 200, 200, 403),
+    ("items.item", "GET"): row(LOGIN, 200, 200, 404, 404, 403),
+    ("api.list_projects", "GET"): same_for_roles(401, 200),
+    ("api.create_project_api", "POST"): row(401, 201, 409, 403, 403, 403),  # manager: the name is taken
+    ("api.get_project", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.update_project", "PATCH"): row(401, 200, 200, 404, 404, 404),
+    ("api.list_members", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.add_member", "POST"): row(401, 201, 201, 404, 404, 404),
+    ("api.project_dashboard", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.next_task", "POST"): row(401, 422, 422, 404, 404, 404),  # no label schema yet
+    ("api.list_tasks", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.get_task", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.save_annotation", "PUT"): row(401, 409, 409, 404, 404, 404),  # the task is new, not leased
+    ("api.heartbeat", "POST"): row(401, 409, 409, 404, 404, 404),
+    ("api.submit", "POST"): row(401, 409, 409, 404, 404, 404),
+    ("api.review", "POST"): row(401, 403, 403, 404, 404, 404),  # managers are not reviewers
+    ("api.release", "POST"): row(401, 409, 409, 404, 404, 404),
+    ("api.reassign", "POST"): row(401, 409, 409, 404, 404, 404),  # not escalated
 }
 
 # What each state-changing request sends (besides a valid CSRF token).
@@ -92,6 +109,16 @@ BODY = {
     ("auth.totp_enrol", "POST"): {"data": {"code": "000000"}},
     ("admin.create_user", "POST"): {"data": {"username": "newcomer", "roles": "labeler"}},
     ("api.create_token", "POST"): {"json": {"name": "matrix"}},
+    ("api.create_project_api", "POST"): {"json": {"name": "matrix"}},
+    ("api.update_project", "PATCH"): {"json": {"description": "matrix"}},
+    ("api.add_member", "POST"): {"json": {"username": "target", "role": "labeler"}},
+    ("api.next_task", "POST"): {"json": {}},
+    ("api.save_annotation", "PUT"): {"json": {"shapes": [], "version": 1}},
+    ("api.heartbeat", "POST"): {"json": {}},
+    ("api.submit", "POST"): {"json": {"version": 1}},
+    ("api.review", "POST"): {"json": {"decision": "accept", "version": 1}},
+    ("api.release", "POST"): {"json": {}},
+    ("api.reassign", "POST"): {"json": {"username": "target", "version": 1}},
 }
 
 GET_ROUTES = sorted(key for key in MATRIX if key[1] == "GET")
@@ -111,6 +138,8 @@ def people(app, make_user, db, clock) -> dict:
     db.commit()
     ids[f"{ANON}_token"] = ids["target_token"]
     ids["project"], ids["item"] = _project_with_item(app, db, clock)
+    ids["task"] = db.scalar(select(Task.id).where(Task.item_id == ids["item"]))
+    db.commit()
     return ids
 
 
@@ -136,7 +165,13 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
             "api.item_image": {"item_id": ids["item"]},
             "api.item_thumbnail": {"item_id": ids["item"]},
             "api.clear_pixel_check": {"item_id": ids["item"]},
-            "items.item": {"item_id": ids["item"]}}.get(endpoint, {})
+            "items.item": {"item_id": ids["item"]},
+            **{name: {"project_id": ids["project"]} for name in (
+                "api.get_project", "api.update_project", "api.list_members", "api.add_member",
+                "api.project_dashboard", "api.next_task", "api.list_tasks")},
+            **{name: {"task_id": ids["task"]} for name in (
+                "api.get_task", "api.save_annotation", "api.heartbeat", "api.submit", "api.review",
+                "api.release", "api.reassign")}}.get(endpoint, {})
     with app.test_request_context():
         return url_for(endpoint, **args)
 

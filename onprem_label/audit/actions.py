@@ -37,6 +37,18 @@ class AuditAction(StrEnum):
     STORAGE_REPAIR = "storage:repair"
 
     PROJECT_CREATE = "project:create"
+    PROJECT_UPDATE = "project:update"
+    PROJECT_SCHEMA = "project:schema"
+    PROJECT_MEMBER_ADD = "project:member_add"
+
+    TASK_LEASE = "task:lease"
+    TASK_RELEASE = "task:release"
+    TASK_LEASE_EXPIRED = "task:lease_expired"
+    TASK_SUBMIT = "task:submit"
+    TASK_REVIEW = "task:review"
+    TASK_REASSIGN = "task:reassign"
+    TASK_VIEW = "task:view"
+    ANNOTATION_SAVE = "annotation:save"
 
     ITEM_INGEST = "item:ingest"
     ITEM_DUPLICATE = "item:duplicate"

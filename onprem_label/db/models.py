@@ -111,6 +111,7 @@ class Project(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     label_schema: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    schema_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     settings: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -275,4 +276,95 @@ class DeidLink(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("item_images.id", ondelete="CASCADE"),
                                           primary_key=True)
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+TASK_STATES = ("new", "labeling", "submitted", "reviewing", "rework", "escalated", "accepted")
+
+
+class SchemaVersion(Base):
+    """One saved version of a project's label schema; annotations record the version they used."""
+
+    __tablename__ = "schema_versions"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label_schema: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Task(Base):
+    """The work on one item: its state in the full-inspection loop, its people and its lease.
+
+    `version` rises with every change (save or transition): a request based on an older version
+    is stale (409). The lease is a (owner, expiry) pair; an expired lease is as good as none.
+    """
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint("state IN ('new', 'labeling', 'submitted', 'reviewing', 'rework', 'escalated', "
+                        "'accepted')", name="state"),
+        # The queues: next new task by id, expired leases by expiry, a labeler's rework by age.
+        Index("ix_tasks_queue", "project_id", "state", "id"),
+        Index("ix_tasks_expiry", "project_id", "state", "lease_expires_at"),
+        Index("ix_tasks_labeler_state", "labeler_id", "state", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="RESTRICT"))
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="RESTRICT"), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="new")
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    labeler_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    lease_owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    review_sampled: Mapped[bool | None] = mapped_column(Boolean)
+    active_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    accepted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Annotation(Base):
+    """One saved revision of a task's labels; every save adds a row, none is ever changed."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (
+        UniqueConstraint("task_id", "revision", name="uq_annotations_task_revision"),
+        CheckConstraint("kind IN ('label', 'correction', 'import')", name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[str] = mapped_column(String(16), default="label")
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    schema_version: Mapped[int] = mapped_column(Integer)
+    shapes: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    classifications: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Review(Base):
+    """A reviewer's decision on one round of a task (or the sampler's automatic acceptance)."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint("decision IN ('accept', 'reject', 'correct', 'auto_accept')", name="decision"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    shape_id: Mapped[str | None] = mapped_column(String(64))  # a reject comment pinned to one shape
+    annotation_revision: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

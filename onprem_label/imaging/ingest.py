@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
-from onprem_label.db.models import Blob, DeidLink, Item, ItemImage, Project, User
+from onprem_label.db.models import Blob, DeidLink, Item, ItemImage, Project, Task, User
 from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.prepare import (Prepared, PrepareOptions, PreparedImage, prepare_or_reject,
                                           source_digest)
@@ -125,10 +125,14 @@ def store_prepared(db: Session, store: EncryptedBlobStore, target: IngestTarget,
         for ref in refs:
             _ensure_blob_row(db, ref.blob_id, ref.size, now)
         item = _item_for(db, project, prepared, target, now)
+        is_new = item.id is None
         added = [_add_image(db, item, project.id, prepared.digest, image, ref.blob_id, now)
                  for image, ref in zip(prepared.images, refs)]
         _renumber(item)
         db.flush()
+        if is_new:  # its labeling task, in the same transaction (a stack keeps its first task)
+            db.add(Task(project_id=project.id, item_id=item.id, state="new", round=0, version=1,
+                        active_seconds=0, created_at=now, updated_at=now))
         if target.link_key is not None:
             for row, image in zip(added, prepared.images):
                 if image.link is not None:

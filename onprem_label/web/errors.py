@@ -9,6 +9,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from onprem_label.auth.errors import AuthError, UnknownUser, UserExists
 from onprem_label.auth.tokens import UnknownToken
+from onprem_label.workflow.errors import WorkflowError
 from onprem_label.web.context import is_api_request, request_id
 
 log = logging.getLogger("onprem_label.web")
@@ -17,13 +18,16 @@ log = logging.getLogger("onprem_label.web")
 STATUS_OF = {UnknownUser: 404, UnknownToken: 404, UserExists: 409}
 
 
-def error_response(status: int, code: str, message: str):
-    """A JSON or HTML error answer, by where the request went; the failed work is rolled back."""
+def error_response(status: int, code: str, message: str, **extra):
+    """A JSON or HTML error answer, by where the request went; the failed work is rolled back.
+
+    `extra` joins the JSON error object (a 409's current state and version, a 422's field list).
+    """
     session = g.get("db")
     if session is not None:
         session.rollback()
     if is_api_request():
-        response = jsonify({"error": {"code": code, "message": message}})
+        response = jsonify({"error": {"code": code, "message": message, **extra}})
         response.status_code = status
         return response
     try:
@@ -47,6 +51,28 @@ def _auth_error(exc: AuthError):
     return error_response(STATUS_OF.get(type(exc), 422), exc.code, str(exc))
 
 
+def _workflow_error(exc: WorkflowError):
+    response = error_response(exc.status, exc.code, str(exc), **exc.extra)
+    if exc.status == 403:
+        _record_denied()
+    return response
+
+
+def _record_denied() -> None:
+    """A refused authorisation check is an audit event too (after the rollback of the request's work)."""
+    from flask import request
+    from flask_login import current_user
+
+    from onprem_label.audit import AuditAction, record
+    from onprem_label.web.context import audit_context, db, now
+
+    dbs = db()
+    actor = dbs.merge(current_user._get_current_object()) if current_user.is_authenticated else None
+    record(dbs, AuditAction.ACCESS_DENIED, actor=actor, outcome="denied",
+           details={"path": request.path[:200]}, context=audit_context(), now=now())
+    dbs.commit()
+
+
 def _unexpected(exc: Exception):
     # Log the trace for the operator (with the request id); the client sees neither.
     log.exception("unhandled error, request %s", request_id())
@@ -58,5 +84,6 @@ def init_app(app: Flask) -> None:
     """Register the handlers."""
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(AuthError, _auth_error)
+    app.register_error_handler(WorkflowError, _workflow_error)
     app.register_error_handler(InternalServerError, _unexpected)
     app.register_error_handler(Exception, _unexpected)

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from onprem_label.audit import AuditAction, record
 from onprem_label.auth.roles import Permission
-from onprem_label.db.models import Item, Project
+from onprem_label.db.models import Item
 from onprem_label.imaging import renditions
 from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.ingest import DUPLICATE, IMPORTED, IngestTarget, ingest_stream
@@ -21,6 +21,7 @@ from onprem_label.web.api import bp
 from onprem_label.web.context import audit_context, db, now, services
 from onprem_label.web.errors import error_response
 from onprem_label.web.login import require
+from onprem_label.workflow.members import get_project, project_roles
 from onprem_label.web.uploads import MalformedUpload, UploadTooLarge, stage_files, staging_store
 
 PAGE_MAX = 500
@@ -47,8 +48,7 @@ def item_json(item: Item) -> dict:
 def upload_items(project_id: int):
     """Multipart upload of one or more files; one result per file (200, or 422 when none was taken)."""
     svc, dbs = services(), db()
-    if dbs.get(Project, project_id) is None:
-        return error_response(404, "not_found", "No such project.")
+    get_project(dbs, project_id, _user(), "manager")
     dbs.rollback()  # no transaction held open while the body streams in
     user = _user()
     target = IngestTarget(project_id, "upload", actor=user, context=audit_context(), link_key=svc.link_key)
@@ -92,8 +92,7 @@ def _isolated(staging, blob_id: str):
 def list_items(project_id: int):
     """A page of the project's items: `?after=<id>&limit=<n>` (n <= 500)."""
     dbs = db()
-    if dbs.get(Project, project_id) is None:
-        return error_response(404, "not_found", "No such project.")
+    get_project(dbs, project_id, _user())
     try:
         after = int(request.args.get("after", 0))
         limit = min(int(request.args.get("limit", 100)), PAGE_MAX)
@@ -164,6 +163,7 @@ def clear_pixel_check(item_id: int):
     if item is None:
         return error_response(404, "not_found", "No such item.")
     user = _user()
+    get_project(dbs, item.project_id, user, "manager")
     item.needs_pixel_check = False
     item.pixel_check_cleared_by, item.pixel_check_cleared_at = user.id, now()
     record(dbs, AuditAction.ITEM_PIXEL_CHECK_CLEAR, actor=user, object_type="item", object_id=item.id,
@@ -193,8 +193,8 @@ def _png(item: Item, what: str, frame: int, make, details: dict):
 
 
 def _readable_item(item_id: int):
-    """(item, None), or (None, the answer refusing it)."""
+    """(item, None), or (None, the answer refusing it): 404 also for another project's item."""
     item = db().get(Item, item_id)
-    if item is None:
+    if item is None or not project_roles(db(), item.project_id, _user()):
         return None, error_response(404, "not_found", "No such item.")
     return item, None

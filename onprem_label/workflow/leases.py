@@ -1,0 +1,136 @@
+"""Leases: handing out the next task to exactly one person, renewing and giving it back.
+
+Exactly one holder per task under any concurrency: on PostgreSQL the candidate row is taken
+with SELECT ... FOR UPDATE SKIP LOCKED (two serve processes skip each other's rows); on SQLite
+every write transaction is BEGIN IMMEDIATE (db/engine.py), so the select-then-update below runs
+alone. An expired lease counts as none: the task is back in its queue, and the old holder's
+late save or submit finds no lease (409).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.orm import Session
+
+from onprem_label.audit.actions import AuditAction
+from onprem_label.audit.record import CONSOLE, AuditContext, record
+from onprem_label.db.models import Project, Task, User
+from onprem_label.workflow.errors import IllegalTransition, LeaseLost
+from onprem_label.workflow.members import require_role
+from onprem_label.workflow.settings import project_settings
+
+HEARTBEAT_CAP = timedelta(minutes=2)  # longer gaps are idle time, not work
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A task handed out: what kind of work it is for the caller."""
+
+    task: Task
+    kind: str  # "label" | "rework" | "review"
+
+
+def holds_lease(task: Task, user: User, now: datetime) -> bool:
+    """True while `user` holds a live lease on `task`."""
+    return task.lease_owner_id == user.id and task.lease_expires_at is not None and task.lease_expires_at > now
+
+
+def lease_next_task(db: Session, project: Project, user: User, *, review: bool, now: datetime,
+                    context: AuditContext = CONSOLE) -> Lease | None:
+    """The caller's next task, leased to them; None when there is no work.
+
+    Labelers get their own rework first (oldest first), then new work; reviewers ask for review
+    work separately and never get a task they labeled. A caller who already holds a live lease
+    of that kind in the project gets the same task again (a reload must not grab a second one).
+    """
+    require_role(db, project.id, user, "reviewer" if review else "labeler")
+    held = db.scalar(select(Task).where(Task.project_id == project.id, Task.lease_owner_id == user.id,
+                                        Task.state == ("reviewing" if review else "labeling"),
+                                        Task.lease_expires_at > now).limit(1))
+    if held is not None:
+        return Lease(held, _kind(held, review))
+    for query in (_review_queries if review else _label_queries)(project.id, user.id, now):
+        task = db.scalar(query.limit(1).with_for_update(skip_locked=True))
+        if task is not None:
+            return _grant(db, task, user, review, project_settings(project).lease_minutes, now, context)
+    return None
+
+
+def _label_queries(project_id: int, user_id: int, now: datetime) -> list[Select]:
+    expired = and_(Task.state == "labeling", Task.lease_expires_at <= now)
+    mine = select(Task).where(Task.project_id == project_id, Task.labeler_id == user_id,
+                              or_(Task.state == "rework", and_(expired, Task.round > 0)))
+    return [mine.order_by(Task.updated_at, Task.id),
+            # the first lap of the queue: new tasks by id, then first-round tasks whose holder vanished
+            select(Task).where(Task.project_id == project_id, Task.state == "new").order_by(Task.id),
+            select(Task).where(Task.project_id == project_id, Task.state == "labeling", Task.round == 0,
+                               Task.lease_expires_at <= now).order_by(Task.lease_expires_at, Task.id)]
+
+
+def _review_queries(project_id: int, user_id: int, now: datetime) -> list[Select]:
+    not_mine = or_(Task.labeler_id.is_(None), Task.labeler_id != user_id)
+    return [select(Task).where(Task.project_id == project_id, Task.state == "submitted", not_mine)
+            .order_by(Task.submitted_at, Task.id),
+            select(Task).where(Task.project_id == project_id, Task.state == "reviewing",
+                               Task.lease_expires_at <= now, not_mine).order_by(Task.lease_expires_at, Task.id)]
+
+
+def _grant(db: Session, task: Task, user: User, review: bool, minutes: int, now: datetime,
+           context: AuditContext) -> Lease:
+    if task.lease_owner_id is not None and task.lease_owner_id != user.id:
+        record(db, AuditAction.TASK_LEASE_EXPIRED, object_type="task", object_id=task.id,
+               details={"previous_holder": task.lease_owner_id, "expired_at": str(task.lease_expires_at)},
+               context=context, now=now)
+    before = task.state
+    task.state = "reviewing" if review else "labeling"
+    if review:
+        task.reviewer_id = user.id
+    elif task.round == 0:
+        task.labeler_id = user.id  # the first lap: whoever labels it owns its rework later
+    task.lease_owner_id, task.lease_expires_at = user.id, now + timedelta(minutes=minutes)
+    task.last_heartbeat_at, task.updated_at, task.version = now, now, task.version + 1
+    lease = Lease(task, _kind(task, review))
+    record(db, AuditAction.TASK_LEASE, actor=user, object_type="task", object_id=task.id,
+           details={"project_id": task.project_id, "kind": lease.kind, "from": before, "round": task.round,
+                    "expires_at": task.lease_expires_at.isoformat()}, context=context, now=now)
+    return lease
+
+
+def _kind(task: Task, review: bool) -> str:
+    return "review" if review else ("rework" if task.round > 0 else "label")
+
+
+def renew_lease(db: Session, task: Task, user: User, *, now: datetime) -> Task:
+    """Heartbeat: extend the caller's live lease and count the time since the last beat as work."""
+    if not holds_lease(task, user, now):
+        raise LeaseLost("You no longer hold this task.", state=task.state, version=task.version)
+    project = db.get(Project, task.project_id)
+    if task.last_heartbeat_at is not None:
+        task.active_seconds += int(min(now - task.last_heartbeat_at, HEARTBEAT_CAP).total_seconds())
+    task.last_heartbeat_at = now
+    task.lease_expires_at = now + timedelta(minutes=project_settings(project).lease_minutes)
+    return task
+
+
+def release_lease(db: Session, task: Task, user: User, *, now: datetime,
+                  context: AuditContext = CONSOLE) -> Task:
+    """Give the task back: a first-round task returns to the queue, rework stays the labeler's."""
+    if not holds_lease(task, user, now):
+        raise LeaseLost("You no longer hold this task.", state=task.state, version=task.version)
+    before = task.state
+    if task.state == "labeling":
+        task.state = "new" if task.round == 0 else "rework"
+        if task.round == 0:
+            task.labeler_id = None
+    elif task.state == "reviewing":
+        task.state, task.reviewer_id = "submitted", None
+    else:
+        raise IllegalTransition(f"A {task.state} task cannot be released.", state=task.state, version=task.version)
+    task.lease_owner_id = task.lease_expires_at = None
+    task.updated_at, task.version = now, task.version + 1
+    record(db, AuditAction.TASK_RELEASE, actor=user, object_type="task", object_id=task.id,
+           details={"project_id": task.project_id, "from": before, "to": task.state}, context=context, now=now)
+    return task

@@ -1,0 +1,191 @@
+"""The full-inspection state machine: each step is one function that checks and audits itself.
+
+    new --lease--> labeling --submit--> submitted --lease--> reviewing --accept/correct--> accepted
+                      ^                                         |
+                      +------ rework <------- reject(comment) --+  (after max_rounds: escalated,
+                                                                    until a manager reassigns)
+
+Every step checks the actor's project role, the task's state, the caller's lease and the version
+the request was based on, and writes its audit event in the same transaction. Leasing and
+releasing live in leases.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from onprem_label.audit.actions import AuditAction
+from onprem_label.audit.record import CONSOLE, AuditContext, record
+from onprem_label.db.models import Annotation, Item, Project, Review, Task, User
+from onprem_label.workflow.errors import Forbidden, IllegalTransition, Invalid, LeaseLost, NotFound, StaleVersion
+from onprem_label.workflow.leases import holds_lease
+from onprem_label.workflow.members import project_roles, require_role
+from onprem_label.workflow.settings import project_settings
+from onprem_label.workflow.shapes import ShapeError, validate_annotation
+
+MAX_COMMENT = 5000
+DECISIONS = ("accept", "reject", "correct")
+
+
+def get_task(db: Session, task_id: int, user: User, *, lock: bool = False) -> Task:
+    """A task the user may see (any project role); 404 for another project's task."""
+    query = select(Task).where(Task.id == task_id)
+    task = db.scalar(query.with_for_update() if lock else query)
+    if task is None or not project_roles(db, task.project_id, user):
+        raise NotFound("No such task.")
+    return task
+
+
+def latest_annotation(db: Session, task_id: int) -> Annotation | None:
+    """The task's newest revision."""
+    return db.scalar(select(Annotation).where(Annotation.task_id == task_id)
+                     .order_by(Annotation.revision.desc()).limit(1))
+
+
+def reviews_of(db: Session, task_id: int) -> list[Review]:
+    """Every review decision on the task, oldest first."""
+    return list(db.scalars(select(Review).where(Review.task_id == task_id).order_by(Review.id)))
+
+
+def _check(task: Task, user: User, state: str, version: Any, now: datetime) -> None:
+    """The common guard: state, then lease, then version (in that order, for useful 409s)."""
+    if task.state != state:
+        raise IllegalTransition(f"The task is {task.state}, not {state}.", state=task.state, version=task.version)
+    if not holds_lease(task, user, now):
+        raise LeaseLost("You no longer hold this task; it may have expired or gone to someone else.",
+                        state=task.state, version=task.version)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise Invalid("version is required.", errors=[{"field": "version", "message": "an integer"}])
+    if version != task.version:
+        raise StaleVersion(f"The task changed since version {version}; reload it.", state=task.state,
+                           version=task.version)
+
+
+def _validated(db: Session, task: Task, body: Any, *, complete: bool) -> dict:
+    project, item = db.get(Project, task.project_id), db.get(Item, task.item_id)
+    try:
+        return validate_annotation(body, project.label_schema or {}, width=item.width, height=item.height,
+                                   frames=item.frames, require_complete=complete)
+    except ShapeError as exc:
+        raise Invalid("The annotation is not valid.", errors=exc.errors) from None
+
+
+def _add_revision(db: Session, task: Task, author: User, annotation: dict, kind: str, now: datetime) -> Annotation:
+    revision = (db.scalar(select(func.max(Annotation.revision)).where(Annotation.task_id == task.id)) or 0) + 1
+    project = db.get(Project, task.project_id)
+    row = Annotation(task_id=task.id, revision=revision, round=task.round, kind=kind, author_id=author.id,
+                     schema_version=project.schema_version, shapes=annotation.get("shapes", []),
+                     classifications=annotation.get("classifications", {}), created_at=now)
+    db.add(row)
+    return row
+
+
+def save_annotation(db: Session, task: Task, user: User, body: Any, version: Any, *, now: datetime,
+                    context: AuditContext = CONSOLE) -> Annotation:
+    """A new revision of the labels (draft: required answers may still be missing)."""
+    _check(task, user, "labeling", version, now)
+    annotation = _validated(db, task, body, complete=False)
+    row = _add_revision(db, task, user, annotation, "label", now)
+    task.version, task.updated_at = task.version + 1, now
+    record(db, AuditAction.ANNOTATION_SAVE, actor=user, object_type="task", object_id=task.id,
+           details={"project_id": task.project_id, "revision": row.revision, "shapes": len(row.shapes),
+                    "version": task.version}, context=context, now=now)
+    return row
+
+
+def submit_task(db: Session, task: Task, user: User, version: Any, *, now: datetime,
+                context: AuditContext = CONSOLE) -> Task:
+    """The labeler hands in: the latest revision must be complete; then review, or a sampled skip."""
+    _check(task, user, "labeling", version, now)
+    latest = latest_annotation(db, task.id)
+    if latest is None:
+        raise Invalid("Save the labels before submitting.", errors=[{"field": "annotation", "message": "none saved"}])
+    _validated(db, task, {"shapes": latest.shapes, "classifications": latest.classifications}, complete=True)
+    rate = project_settings(db.get(Project, task.project_id)).review_rate
+    task.review_sampled = rate >= 1.0 or secrets.randbelow(10**6) < rate * 10**6
+    task.lease_owner_id = task.lease_expires_at = None
+    task.submitted_at, task.updated_at, task.version = now, now, task.version + 1
+    details = {"project_id": task.project_id, "round": task.round, "revision": latest.revision}
+    if task.review_sampled:
+        task.state = "submitted"
+    else:
+        # Review rate below 100%: this one was not drawn for review, and the trail says so.
+        task.state, task.accepted_at = "accepted", now
+        db.add(Review(task_id=task.id, round=task.round, reviewer_id=None, decision="auto_accept",
+                      comment=f"not sampled for review (review rate {rate:.0%})",
+                      annotation_revision=latest.revision, created_at=now))
+        details["auto_accepted"] = f"review rate {rate}"
+    record(db, AuditAction.TASK_SUBMIT, actor=user, object_type="task", object_id=task.id,
+           details={**details, "to": task.state}, context=context, now=now)
+    return task
+
+
+def review_task(db: Session, task: Task, user: User, decision: Any, version: Any, *, comment: Any = "",
+                shape_id: Any = None, body: Any = None, now: datetime, context: AuditContext = CONSOLE) -> Task:
+    """Accept, reject (comment required; back to the labeler) or correct-and-accept."""
+    _check(task, user, "reviewing", version, now)
+    if task.labeler_id == user.id:
+        raise Forbidden("Nobody reviews their own labels.")
+    if decision not in DECISIONS:
+        raise Invalid("Unknown decision.", errors=[{"field": "decision", "message": " or ".join(DECISIONS)}])
+    comment = _comment(comment, required=decision == "reject")
+    if shape_id is not None and (not isinstance(shape_id, str) or len(shape_id) > 64):
+        raise Invalid("shape_id is a shape's id.", errors=[{"field": "shape_id", "message": "a string of <= 64"}])
+    latest = latest_annotation(db, task.id)
+    revision = latest.revision if latest else None
+    if decision == "correct":
+        corrected = _validated(db, task, body, complete=True)
+        revision = _add_revision(db, task, user, corrected, "correction", now).revision
+    db.add(Review(task_id=task.id, round=task.round, reviewer_id=user.id, decision=decision, comment=comment,
+                  shape_id=shape_id, annotation_revision=revision, created_at=now))
+    before_round = task.round
+    if decision == "reject":
+        task.round += 1
+        max_rounds = project_settings(db.get(Project, task.project_id)).max_rounds
+        task.state = "escalated" if task.round >= max_rounds else "rework"
+    else:
+        task.state, task.accepted_at = "accepted", now
+    task.lease_owner_id = task.lease_expires_at = None
+    task.updated_at, task.version = now, task.version + 1
+    record(db, AuditAction.TASK_REVIEW, actor=user, object_type="task", object_id=task.id,
+           details={"project_id": task.project_id, "decision": decision, "round": before_round, "to": task.state,
+                    "labeler_id": task.labeler_id, "revision": revision, "pinned": shape_id is not None},
+           context=context, now=now)
+    return task
+
+
+def _comment(comment: Any, *, required: bool) -> str:
+    if comment is None:
+        comment = ""
+    if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+        raise Invalid("comment is text.", errors=[{"field": "comment", "message": f"up to {MAX_COMMENT} characters"}])
+    if required and not comment.strip():
+        raise Invalid("A rejection needs a comment for the labeler.",
+                      errors=[{"field": "comment", "message": "required when rejecting"}])
+    return comment.strip()
+
+
+def reassign_task(db: Session, task: Task, manager: User, labeler: User, version: Any, *, now: datetime,
+                  context: AuditContext = CONSOLE) -> Task:
+    """A manager sends an escalated task back to rework by a labeler of their choice."""
+    require_role(db, task.project_id, manager, "manager")
+    if task.state != "escalated":
+        raise IllegalTransition(f"Only escalated tasks are reassigned; this one is {task.state}.",
+                                state=task.state, version=task.version)
+    if version != task.version:
+        raise StaleVersion("The task changed; reload it.", state=task.state, version=task.version)
+    if "labeler" not in project_roles(db, task.project_id, labeler):
+        raise Invalid("The new labeler must be a labeler of this project.",
+                      errors=[{"field": "labeler", "message": "not a labeler here"}])
+    before = task.labeler_id
+    task.state, task.labeler_id = "rework", labeler.id
+    task.updated_at, task.version = now, task.version + 1
+    record(db, AuditAction.TASK_REASSIGN, actor=manager, object_type="task", object_id=task.id,
+           details={"project_id": task.project_id, "from_labeler": before, "to_labeler": labeler.id},
+           context=context, now=now)
+    return task

@@ -1,0 +1,173 @@
+"""The full-inspection loop through HTTP: end to end, leases, stale saves, roles, errors."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from imaging_helpers import bearer_for
+from onprem_label.db.models import AuditEvent, Review, Task
+from workflow_helpers import BOX, SCHEMA, ingest_items, label_and_submit, lease, team
+
+
+@pytest.fixture
+def manager(make_user, db, clock):
+    """A global manager's bearer header."""
+    return bearer_for(db, make_user("mgr", "manager"), clock)
+
+
+def make_project(client, manager, name="Chest CT", **settings) -> int:
+    """A project with the test schema, made through the API."""
+    response = client.post("/api/v1/projects", headers=manager,
+                           json={"name": name, "label_schema": SCHEMA, "settings": settings})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["id"]
+
+
+def test_end_to_end_full_inspection(app, client, db, make_user, clock, manager):
+    """3 labelers, 2 reviewers, 50 items: all labeled and reviewed, 10 rejected, reworked, accepted."""
+    project = make_project(client, manager)
+    ingest_items(app, db, project, 50, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=3, reviewers=2)
+    labelers, reviewers = [people[f"labeler{n}"] for n in (1, 2, 3)], [people[f"reviewer{n}"] for n in (1, 2)]
+    labeled_by, comments_sent, rejected = {}, {}, 0
+    # Labelers and reviewers take turns, as they would work at the same time.
+    while True:
+        progress = False
+        for n, headers in enumerate(labelers):
+            got = lease(client, project, headers)
+            if got:
+                progress = True
+                if got["kind"] == "rework":
+                    assert got["reviews"][-1]["comment"] == comments_sent[got["task"]["id"]]
+                labeled_by[got["task"]["id"]] = f"labeler{n + 1}"
+                label_and_submit(client, got["task"], headers)
+        for n, headers in enumerate(reviewers):
+            got = lease(client, project, headers, "review")
+            if got:
+                progress = True
+                task = got["task"]
+                reject = rejected < 10 and task["round"] == 0 and task["id"] % 5 == 0
+                body = {"decision": "reject" if reject else "accept", "version": task["version"],
+                        "comment": f"box too small on task {task['id']}" if reject else ""}
+                answer = client.post(f"/api/v1/tasks/{task['id']}/review", headers=headers, json=body)
+                assert answer.status_code == 200, answer.get_json()
+                if reject:
+                    rejected += 1
+                    comments_sent[task["id"]] = body["comment"]
+        if not progress:
+            break
+    counts = client.get(f"/api/v1/projects/{project}", headers=manager).get_json()["counts"]
+    assert counts["accepted"] == 50 and sum(counts.values()) == 50
+    assert rejected == 10
+    tasks = db.scalars(select(Task)).all()
+    reviews = db.scalars(select(Review)).all()
+    assert all(t.state == "accepted" for t in tasks)
+    assert all(r.reviewer_id != next(t.labeler_id for t in tasks if t.id == r.task_id) for r in reviews)
+    assert sorted(t.id for t in tasks if t.round == 1) == sorted(comments_sent)
+    actions = [a for a in db.scalars(select(AuditEvent.action))]
+    db.rollback()  # SQLite: the test's read transaction would hold the write lock
+    assert actions.count("task:submit") == 60 and actions.count("task:review") == 60
+    assert actions.count("task:lease") == 120
+    numbers = client.get(f"/api/v1/projects/{project}/dashboard", headers=manager).get_json()
+    assert sum(l["accepted"] for l in numbers["labelers"]) == 50
+    assert len(numbers["recent_rejections"]) == 10
+
+
+def test_lease_expiry_returns_the_task_and_refuses_the_late_save(app, client, db, make_user, clock, manager):
+    """A labeler who vanishes loses the task after the TTL; their late save and submit get 409."""
+    project = make_project(client, manager, lease_minutes=30)
+    ingest_items(app, db, project, 1, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=2, reviewers=0)
+    first = lease(client, project, people["labeler1"])
+    assert lease(client, project, people["labeler2"]) is None  # held: nobody else gets it
+    clock.advance(minutes=31)
+    second = lease(client, project, people["labeler2"])
+    assert second["task"]["id"] == first["task"]["id"]
+    late = client.put(f"/api/v1/tasks/{first['task']['id']}/annotation", headers=people["labeler1"],
+                      json={"shapes": [BOX], "version": first["task"]["version"]})
+    assert late.status_code == 409 and late.get_json()["error"]["code"] in ("lease_lost", "stale_version")
+    late_submit = client.post(f"/api/v1/tasks/{first['task']['id']}/submit", headers=people["labeler1"],
+                              json={"version": first["task"]["version"]})
+    assert late_submit.status_code == 409
+    holder = db.scalar(select(Task)).lease_owner_id
+    db.rollback()
+    assert holder is not None and holder != first["task"]["lease_owner_id"]
+
+
+def test_stale_save_invalid_shapes_wrong_role_and_foreign_task(app, client, db, make_user, clock, manager):
+    """Stale save -> 409 with the current version; bad shapes -> 422; labeler reviewing -> 403;
+    another project's task -> 404; every error is JSON."""
+    project = make_project(client, manager)
+    other = make_project(client, manager, name="Other")
+    ingest_items(app, db, project, 1, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=0)
+    task = lease(client, project, people["labeler1"])["task"]
+    url = f"/api/v1/tasks/{task['id']}"
+    ok = client.put(f"{url}/annotation", headers=people["labeler1"], json={"shapes": [BOX], "version": task["version"]})
+    assert ok.status_code == 200
+    stale = client.put(f"{url}/annotation", headers=people["labeler1"], json={"shapes": [], "version": task["version"]})
+    assert stale.status_code == 409
+    error = stale.get_json()["error"]
+    assert error["code"] == "stale_version" and error["version"] == ok.get_json()["task"]["version"]
+    bad = client.put(f"{url}/annotation", headers=people["labeler1"],
+                     json={"shapes": [{**BOX, "label": "unknown"}], "version": error["version"]})
+    assert bad.status_code == 422 and bad.get_json()["error"]["errors"][0]["field"].startswith("shapes[0]")
+    review = client.post(f"{url}/review", headers=people["labeler1"], json={"decision": "accept", "version": 1})
+    assert review.status_code == 403 and review.get_json()["error"]["code"] == "forbidden"
+    outsider = bearer_for(db, make_user("outsider", "labeler"), clock)
+    assert client.get(url, headers=outsider).status_code == 404
+    client.post(f"/api/v1/projects/{other}/members", headers=manager, json={"username": "outsider", "role": "labeler"})
+    foreign = client.put(f"{url}/annotation", headers=outsider, json={"shapes": [], "version": 1})
+    assert foreign.status_code == 404 and foreign.get_json()["error"]["code"] == "not_found"
+
+
+def test_rejected_task_returns_to_its_labeler_first_and_escalates(app, client, db, make_user, clock, manager):
+    """Rework comes back to the same labeler ahead of new work; after max_rounds it escalates."""
+    project = make_project(client, manager, max_rounds=2)
+    ingest_items(app, db, project, 3, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=2, reviewers=1)
+    first = lease(client, project, people["labeler1"])["task"]
+    label_and_submit(client, first, people["labeler1"])
+    for round_ in range(2):
+        got = lease(client, project, people["reviewer1"], "review")["task"]
+        assert got["id"] == first["id"]
+        rejected = client.post(f"/api/v1/tasks/{got['id']}/review", headers=people["reviewer1"],
+                               json={"decision": "reject", "comment": f"round {round_}", "shape_id": None,
+                                     "version": got["version"]})
+        assert rejected.status_code == 200
+        if round_ == 0:
+            assert lease(client, project, people["labeler2"])["task"]["id"] != first["id"]
+            back = lease(client, project, people["labeler1"])
+            assert back["kind"] == "rework" and back["task"]["id"] == first["id"]
+            assert back["reviews"][-1]["comment"] == "round 0"
+            label_and_submit(client, back["task"], people["labeler1"])
+    assert rejected.get_json()["task"]["state"] == "escalated"
+    no_comment = client.post("/api/v1/tasks/999999/review", headers=people["reviewer1"],
+                             json={"decision": "reject", "version": 1})
+    assert no_comment.status_code == 404
+
+
+def test_schema_change_is_versioned_and_keeps_saved_annotations(app, client, db, make_user, clock, manager):
+    """Changing the schema after labeling started makes a new version; saved revisions keep theirs."""
+    from onprem_label.db.models import Annotation, AuditEvent, SchemaVersion
+
+    project = make_project(client, manager)
+    ingest_items(app, db, project, 1, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=0)
+    task = lease(client, project, people["labeler1"])["task"]
+    client.put(f"/api/v1/tasks/{task['id']}/annotation", headers=people["labeler1"],
+               json={"shapes": [BOX], "version": task["version"]})
+    narrower = {**SCHEMA, "classes": [SCHEMA["classes"][1]]}  # "nodule" removed: a breaking change
+    changed = client.patch(f"/api/v1/projects/{project}", headers=manager, json={"label_schema": narrower})
+    assert changed.status_code == 200 and changed.get_json()["schema_version"] == 2
+    bad = client.patch(f"/api/v1/projects/{project}", headers=manager, json={"label_schema": {"classes": []}})
+    assert bad.status_code == 422 and bad.get_json()["error"]["errors"]
+    saved = db.scalars(select(Annotation)).one()
+    versions = db.scalars(select(SchemaVersion.version).where(SchemaVersion.project_id == project)).all()
+    event = db.scalars(select(AuditEvent).where(AuditEvent.action == "project:schema")).one()
+    db.rollback()
+    assert saved.schema_version == 1 and saved.shapes == [BOX] and sorted(versions) == [1, 2]
+    assert event.details["breaking"]
