@@ -171,3 +171,72 @@ def test_schema_change_is_versioned_and_keeps_saved_annotations(app, client, db,
     db.rollback()
     assert saved.schema_version == 1 and saved.shapes == [BOX] and sorted(versions) == [1, 2]
     assert event.details["breaking"]
+
+
+def test_correct_and_accept_is_a_reviewer_revision_and_a_first_pass_miss(app, client, db, make_user, clock, manager):
+    """A correction becomes the reviewer's revision, accepts the task and counts against first pass."""
+    from onprem_label.db.models import Annotation
+
+    project = make_project(client, manager)
+    ingest_items(app, db, project, 1, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
+    label_and_submit(client, lease(client, project, people["labeler1"])["task"], people["labeler1"])
+    task = lease(client, project, people["reviewer1"], "review")["task"]
+    fixed = {**BOX, "width": 12}
+    missing = client.post(f"/api/v1/tasks/{task['id']}/review", headers=people["reviewer1"],
+                          json={"decision": "correct", "version": task["version"]})
+    assert missing.status_code == 422  # a correction needs the corrected, complete labels
+    done = client.post(f"/api/v1/tasks/{task['id']}/review", headers=people["reviewer1"],
+                       json={"decision": "correct", "shapes": [fixed], "classifications": {"quality": "good"},
+                             "version": task["version"]})
+    assert done.status_code == 200 and done.get_json()["task"]["state"] == "accepted"
+    revisions = [(r.kind, r.shapes) for r in db.scalars(select(Annotation).order_by(Annotation.revision))]
+    db.rollback()
+    assert revisions == [("label", [BOX]), ("correction", [fixed])]
+    numbers = client.get(f"/api/v1/projects/{project}/dashboard", headers=manager).get_json()
+    assert numbers["labelers"][0]["first_pass_acceptance"] == 0.0
+
+
+def test_review_rate_below_full_skips_with_an_audit_note(app, client, db, make_user, clock, manager):
+    """At a 1% review rate most submissions are accepted unreviewed, each with a review row and audit note."""
+    project = make_project(client, manager, review_rate=0.01)
+    ingest_items(app, db, project, 6, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=0)
+    states = []
+    while (got := lease(client, project, people["labeler1"])) is not None:
+        states.append(label_and_submit(client, got["task"], people["labeler1"])["state"])
+    assert len(states) == 6 and states.count("accepted") >= 3  # P(fewer) ~ 2e-5
+    auto = [r.comment for r in db.scalars(select(Review).where(Review.decision == "auto_accept"))]
+    notes = [e.details for e in db.scalars(select(AuditEvent).where(AuditEvent.action == "task:submit"))]
+    db.rollback()
+    assert len(auto) == states.count("accepted") and all("review rate" in comment for comment in auto)
+    assert sum("auto_accepted" in details for details in notes) == states.count("accepted")
+
+
+def test_heartbeat_extends_the_lease_and_counts_active_time_release_returns_it(app, client, db, make_user, clock,
+                                                                             manager):
+    """Heartbeats keep the lease past its TTL and add active time (capped); release puts it back."""
+    project = make_project(client, manager, lease_minutes=5)
+    ingest_items(app, db, project, 1, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=2, reviewers=0)
+    task = lease(client, project, people["labeler1"])["task"]
+    for _ in range(3):
+        clock.advance(minutes=4)
+        beat = client.post(f"/api/v1/tasks/{task['id']}/heartbeat", headers=people["labeler1"])
+        assert beat.status_code == 200
+    assert beat.get_json()["task"]["active_seconds"] == 3 * 120  # gaps over 2 minutes count as 2
+    assert lease(client, project, people["labeler2"]) is None  # 12 minutes later, still held
+    released = client.post(f"/api/v1/tasks/{task['id']}/release", headers=people["labeler1"])
+    assert released.status_code == 200 and released.get_json()["task"]["state"] == "new"
+    assert lease(client, project, people["labeler2"])["task"]["id"] == task["id"]
+
+
+def test_nobody_reviews_their_own_labels(app, client, db, make_user, clock, manager):
+    """A person who labels and reviews in one project is never handed their own task for review."""
+    project = make_project(client, manager)
+    ingest_items(app, db, project, 1, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
+    client.post(f"/api/v1/projects/{project}/members", headers=manager, json={"username": "labeler1", "role": "reviewer"})
+    label_and_submit(client, lease(client, project, people["labeler1"])["task"], people["labeler1"])
+    assert lease(client, project, people["labeler1"], "review") is None
+    assert lease(client, project, people["reviewer1"], "review") is not None
