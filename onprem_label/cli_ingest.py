@@ -136,7 +136,9 @@ def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, w
         db.rollback()
         target = IngestTarget(project_id, "cli", actor_name=console_name(), link_key=link_key(settings, keyring))
         report = _open_report(stack, report_path)
-        sources = list(iter_sources(list(paths), limits))
+        # The report itself may sit in a folder being ingested: it is output, not input.
+        own = os.path.realpath(report_path) if report_path not in (None, "-") else None
+        sources = [s for s in iter_sources(list(paths), limits) if own is None or os.path.realpath(s.path) != own]
         bar = stack.enter_context(click.progressbar(length=len(sources), label="ingest", file=sys.stderr,
                                                     show_pos=True))
 

@@ -23,7 +23,7 @@ def prepare_source(source: Source, options: PrepareOptions) -> Prepared | Reject
     except Rejected as exc:
         return exc
     except OSError as exc:  # closing a source that vanished mid-read
-        return Rejected(errors.NOT_AN_IMAGE, f"cannot read the file ({exc.strerror})")
+        return Rejected(errors.UNREADABLE, f"cannot read the file ({exc.strerror})")
 
 
 def run_batch(sources: Iterable[Source], options: PrepareOptions, workers: int,

@@ -29,3 +29,4 @@ CORRUPT = "corrupt"
 TOO_LARGE = "too_large"
 TOO_MANY_PIXELS = "too_many_pixels"
 INCOMPATIBLE = "incompatible"
+UNREADABLE = "unreadable"  # the path does not exist or cannot be read (not a fault of the file)

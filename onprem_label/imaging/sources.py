@@ -39,7 +39,7 @@ def iter_sources(paths: list[str], limits: ZipLimits) -> Iterator[Source]:
         elif path.is_file():
             yield from _file(path, limits)
         else:
-            yield Source(raw, raw, problem=Rejected(errors.NOT_AN_IMAGE, "no such file or folder"))
+            yield Source(raw, raw, problem=Rejected(errors.UNREADABLE, "no such file or folder"))
 
 
 def _walk(folder: Path, limits: ZipLimits) -> Iterator[Source]:
@@ -82,7 +82,7 @@ def open_source(source: Source) -> BinaryIO:
         try:
             return open(source.path, "rb")
         except OSError as exc:
-            raise Rejected(errors.NOT_AN_IMAGE, f"cannot read the file ({exc.strerror})") from None
+            raise Rejected(errors.UNREADABLE, f"cannot read the file ({exc.strerror})") from None
     try:
         archive = zipfile.ZipFile(source.path)
         info = archive.getinfo(source.member)
