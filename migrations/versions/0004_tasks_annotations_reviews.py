@@ -59,7 +59,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('tasks', schema=None) as batch_op:
         batch_op.create_index('ix_tasks_expiry', ['project_id', 'state', 'lease_expires_at'], unique=False)
-        batch_op.create_index('ix_tasks_labeler_state', ['labeler_id', 'state', 'updated_at'], unique=False)
+        batch_op.create_index('ix_tasks_labeler_state', ['project_id', 'labeler_id', 'state', 'updated_at'], unique=False)
         batch_op.create_index('ix_tasks_queue', ['project_id', 'state', 'id'], unique=False)
 
     op.create_table('annotations',

@@ -308,7 +308,7 @@ class Task(Base):
         # The queues: next new task by id, expired leases by expiry, a labeler's rework by age.
         Index("ix_tasks_queue", "project_id", "state", "id"),
         Index("ix_tasks_expiry", "project_id", "state", "lease_expires_at"),
-        Index("ix_tasks_labeler_state", "labeler_id", "state", "updated_at"),
+        Index("ix_tasks_labeler_state", "project_id", "labeler_id", "state", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

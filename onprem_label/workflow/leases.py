@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
@@ -60,10 +60,13 @@ def lease_next_task(db: Session, project: Project, user: User, *, review: bool, 
 
 
 def _label_queries(project_id: int, user_id: int, now: datetime) -> list[Select]:
-    expired = and_(Task.state == "labeling", Task.lease_expires_at <= now)
-    mine = select(Task).where(Task.project_id == project_id, Task.labeler_id == user_id,
-                              or_(Task.state == "rework", and_(expired, Task.round > 0)))
-    return [mine.order_by(Task.updated_at, Task.id),
+    # One condition per query (no OR): each is answered from an index, so the cost does not
+    # grow with the project (an OR made SQLite scan the project's tasks and sort them).
+    mine = select(Task).where(Task.project_id == project_id, Task.labeler_id == user_id)
+    return [mine.where(Task.state == "rework").order_by(Task.updated_at, Task.id),
+            # my own rework whose lease lapsed while I held it
+            mine.where(Task.state == "labeling", Task.round > 0, Task.lease_expires_at <= now)
+            .order_by(Task.updated_at, Task.id),
             # the first lap of the queue: new tasks by id, then first-round tasks whose holder vanished
             select(Task).where(Task.project_id == project_id, Task.state == "new").order_by(Task.id),
             select(Task).where(Task.project_id == project_id, Task.state == "labeling", Task.round == 0,
