@@ -107,10 +107,8 @@ def project_list(ctx, as_json: bool) -> None:
 def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, workers: int | None) -> None:
     """Import images (files, folders, zip archives) into PROJECT (its id or name)."""
     from onprem_label.cli import CliError, ask_passphrase, open_database
-    from onprem_label.imaging.batch import run_batch
-    from onprem_label.imaging.errors import Rejected
-    from onprem_label.imaging.ingest import (IngestTarget, find_duplicate, record_duplicate, record_rejection,
-                                             store_prepared)
+    from onprem_label.imaging.batch import StoreBehind, run_batch
+    from onprem_label.imaging.ingest import IngestTarget, store_batch
     from onprem_label.imaging.prepare import link_key, prepare_options
     from onprem_label.imaging.sources import ZipLimits, iter_sources
     from onprem_label.storage import open_keyring, open_store
@@ -142,26 +140,66 @@ def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, w
         bar = stack.enter_context(click.progressbar(length=len(sources), label="ingest", file=sys.stderr,
                                                     show_pos=True))
 
-        def handle(source, outcome) -> None:
-            now = utcnow()
-            if isinstance(outcome, Rejected):
-                result = record_rejection(db, target, source.name, outcome, now=now)
-            elif (dup := find_duplicate(db, project_id, outcome.digest)) is not None:
-                result = record_duplicate(db, target, source.name, dup, now=now)
-            else:
-                result = store_prepared(db, store, target, outcome, source.name, now=now)
-            counts[result.status] += 1
-            if report is not None:
-                line = result.to_json()
-                report.write(json.dumps({"path": line.pop("name"), **line}) + "\n")
-            bar.update(1)
+        def store_group(group) -> None:
+            results = store_batch(db, store, target, [(source.name, outcome) for source, outcome in group],
+                                  now=utcnow())
+            for result in results:
+                counts[result.status] += 1
+                if report is not None:
+                    line = result.to_json()
+                    report.write(json.dumps({"path": line.pop("name"), **line}) + "\n")
+            bar.update(len(results))
 
-        run_batch(sources, options, workers, handle)
+        storer = StoreBehind(store_group)
+        try:
+            run_batch(sources, options, workers, storer, known=_known_files(stack, make_session, project_id, options))
+        except BaseException:
+            storer.abort()
+            raise
+        storer.close()
     seconds = time.monotonic() - started
     total = sum(counts.values())
     click.echo(f"ingest: {counts['imported']} imported, {counts['duplicate']} duplicates, "
                f"{counts['rejected']} rejected ({total} files in {seconds:.1f} s, "
                f"{total / seconds if seconds else 0:.1f} files/s)", err=report_path == "-")
+
+
+def _known_files(stack: ExitStack, make_session, project_id: int, options):
+    """run_batch's `known`: a file whose bytes the project already holds is a duplicate, not decoded again.
+
+    Only when the project had images before this run (a first bulk import pays nothing): then each
+    file is read once here to find its digest, a small price against decoding it.
+    """
+    from sqlalchemy import select
+
+    from onprem_label.db.engine import read_only
+    from onprem_label.db.models import ItemImage
+    from onprem_label.imaging.errors import Rejected
+    from onprem_label.imaging.ingest import KnownFile, find_duplicate
+    from onprem_label.imaging.prepare import source_digest
+    from onprem_label.imaging.sources import open_source
+
+    db = stack.enter_context(make_session())
+    with read_only(db):
+        had_images = db.scalar(select(ItemImage.id).where(ItemImage.project_id == project_id).limit(1))
+        db.rollback()
+    if had_images is None:
+        return None
+
+    def known(source):
+        if source.problem is not None:
+            return None
+        try:
+            with open_source(source) as stream:
+                digest = source_digest(stream, options.digest_key, options.max_bytes)
+        except (Rejected, OSError):
+            return None  # the worker reads it again and says what is wrong
+        with read_only(db):
+            item_id = find_duplicate(db, project_id, digest)
+            db.rollback()
+        return KnownFile(digest, item_id) if item_id is not None else None
+
+    return known
 
 
 def _open_report(stack: ExitStack, path: str | None):

@@ -119,6 +119,10 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("ingest_workers", "int", 0,
             "Processes that decode and de-identify files during `ingest`; 0 = one per CPU core.",
             minimum=0, maximum=64),
+    Setting("ingest_decode_timeout", "int", 600,
+            "Seconds one file may take to be decoded and de-identified in its worker process; a "
+            "file that takes longer (a decoder caught in a loop by a hostile file) is rejected.",
+            minimum=5, maximum=86400),
     Setting("raster_max_pixels", "int", 89_478_485,
             "Largest picture (width x height) accepted; larger ones are rejected as possible "
             "decompression bombs before their pixels are decoded. The default is Pillow's own "

@@ -10,7 +10,7 @@ from imaging_helpers import make_dicom
 from onprem_label.imaging.batch import run_batch
 from onprem_label.imaging.deidentify import DeidSettings
 from onprem_label.imaging.errors import Rejected
-from onprem_label.imaging.isolation import CRASHED, WorkerPool
+from onprem_label.imaging.isolation import CRASHED, WorkerPool, decode_deadline
 from onprem_label.imaging.prepare import Prepared, PrepareOptions
 from onprem_label.imaging.sources import Source
 
@@ -72,3 +72,34 @@ def prepare_or_die(source: Source, options: PrepareOptions):
         if fh.read(4) == b"KILL":
             os._exit(134)
     return prepare_source(source, options)
+
+
+def hang(source: Source, options: PrepareOptions):
+    """A decoder caught in a loop: never returns (sleep stands in for a C loop no signal handler reaches)."""
+    import time
+
+    with decode_deadline(options.decode_timeout):
+        time.sleep(3600)
+
+
+def test_a_file_that_hangs_its_decoder_is_rejected_after_the_deadline(tmp_path):
+    """decode_deadline ends a stuck worker; the file is rejected and the batch goes on."""
+    from dataclasses import replace
+
+    path = tmp_path / "fine.dcm"
+    path.write_bytes(make_dicom(seed=5))
+    outcomes = []
+    options = replace(OPTIONS, decode_timeout=1)
+    run_batch([Source("stuck", "stuck")], options, 1, lambda s, o: outcomes.append(o), prepare=hang)
+    run_batch([Source(str(path), str(path))], options, 1, lambda s, o: outcomes.append(o))
+    assert isinstance(outcomes[0], Rejected) and outcomes[0].reason == CRASHED
+    assert "ingest_decode_timeout" in CRASHED
+    assert isinstance(outcomes[1], Prepared)
+
+
+def test_decode_deadline_does_nothing_outside_a_worker():
+    """In the server or CLI process itself the deadline is never armed (it would end that process)."""
+    import signal
+
+    with decode_deadline(1):
+        assert signal.alarm(0) == 0  # no alarm was pending

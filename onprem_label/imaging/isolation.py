@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
+from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from onprem_label.imaging import errors
 from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.prepare import Prepared, PrepareOptions, prepare_or_reject
 from onprem_label.storage import EncryptedBlobStore, Keyring
 
-CRASHED = "the file crashed the image decoder"
+CRASHED = ("the file crashed the image decoder, or decoding it took longer than the limit "
+           "(ingest_decode_timeout)")
 ATTEMPTS = 2
 
 
@@ -97,11 +100,31 @@ def _forget_pools_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
+@contextmanager
+def decode_deadline(seconds: int) -> Iterator[None]:
+    """In a worker process: end the process if the work inside takes longer than `seconds`.
+
+    A decoder caught in a loop by a hostile file never returns to Python, so no exception can
+    stop it; SIGALRM's default action ends the process, which the pool then treats as a crash
+    (the file is tried once more alone, then rejected). Outside worker processes this does nothing.
+    """
+    armed = seconds > 0 and multiprocessing.parent_process() is not None
+    if armed:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        if armed:
+            signal.alarm(0)
+
+
 def prepare_staged(root: str, keyring: Keyring, blob_id: str, options: PrepareOptions,
                    digest: str) -> Prepared | Rejected:
     """Worker: prepare an upload sealed in a staging store (decrypted in the worker's memory only)."""
     try:
-        with EncryptedBlobStore(Path(root), keyring).open(blob_id) as stream:
+        with (decode_deadline(options.decode_timeout),
+              EncryptedBlobStore(Path(root), keyring).open(blob_id) as stream):
             return prepare_or_reject(stream, options, digest=digest)
     except Rejected as exc:
         return exc

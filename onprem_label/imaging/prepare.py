@@ -35,6 +35,7 @@ class PrepareOptions:
     raster_max_pixels: int
     max_bytes: int
     keep_link: bool = False
+    decode_timeout: int = 0  # seconds a worker may spend on one file; 0: no limit
 
 
 @dataclass
@@ -185,7 +186,8 @@ def prepare_options(settings, keyring) -> PrepareOptions:
         deid=DeidSettings(uid_key=keyring.purpose_key("deid-uids"), dates="shift" if shift else "remove",
                           date_offset_days=shift),
         digest_key=keyring.purpose_key("ingest-digest"), raster_max_pixels=settings.raster_max_pixels,
-        max_bytes=settings.upload_max_file_bytes, keep_link=settings.deid_linkage)
+        max_bytes=settings.upload_max_file_bytes, keep_link=settings.deid_linkage,
+        decode_timeout=settings.ingest_decode_timeout)
 
 
 def link_key(settings, keyring) -> bytes | None:
