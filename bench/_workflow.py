@@ -176,22 +176,14 @@ def refill_if_low(url: str, project_id: int, reserve: int) -> int:
 
 def lease_queries(project_id: int, user_id: int) -> list[tuple[str, object]]:
     """The statements lease_next_task runs, by name: the held-lease check, then each queue."""
-    from sqlalchemy import select
-
     from onprem_label.clock import utcnow
-    from onprem_label.db.models import Task
     from onprem_label.workflow import leases
 
-    now = utcnow()
-    # Written out as leases.lease_next_task has it (it is inline there).
-    held = (select(Task).where(Task.project_id == project_id, Task.lease_owner_id == user_id,
-                               Task.state == "labeling", Task.lease_expires_at > now).limit(1))
-    queries = [("held (a reload gets the same task)", held)]
-    queries += [(f"label queue {n + 1}", q.limit(1).with_for_update(skip_locked=True))
-                for n, q in enumerate(leases._label_queries(project_id, user_id, now))]
-    queries += [(f"review queue {n + 1}", q.limit(1).with_for_update(skip_locked=True))
-                for n, q in enumerate(leases._review_queries(project_id, user_id, now))]
-    return queries
+    params = {"project_id": project_id, "user_id": user_id, "now": utcnow()}
+    queries = [("held (a reload gets the same task)", leases.HELD["labeling"])]
+    queries += [(f"label queue: {name}", q) for name, q in leases.LABEL_QUEUES.items()]
+    queries += [(f"review queue: {name}", q) for name, q in leases.REVIEW_QUEUES.items()]
+    return [(name, query.params(**params)) for name, query in queries]
 
 
 def explain_lease_queries(url: str, project_id: int, repeats: int = 20) -> list[tuple[str, list[str], float]]:

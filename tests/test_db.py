@@ -24,6 +24,36 @@ def test_sqlite_connection_pragmas(tmp_path):
         engine.dispose()
 
 
+@pytest.mark.parametrize("end", ["commit", "rollback", "close", "error"])
+def test_sqlite_write_transactions_queue_on_one_lock_per_file(tmp_path, end):
+    """Every engine on one SQLite file shares the writer lock; commit, rollback, close and errors free it."""
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    first, second = make_engine(url), make_engine(url)
+    try:
+        with first.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+            conn.commit()
+        conn = first.connect()
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")  # a write transaction: holds the lock
+        raw = conn.connection.dbapi_connection
+        assert raw.holds_writer_lock and raw.writer_lock.locked()
+        assert second.connect().connection.dbapi_connection.writer_lock is raw.writer_lock
+        if end == "error":
+            with pytest.raises(Exception):
+                conn.exec_driver_sql("INSERT INTO missing VALUES (1)")
+            conn.rollback()
+        else:
+            getattr(conn, end)()
+        assert not raw.writer_lock.locked()
+        with second.begin() as other:  # the next writer gets in at once
+            other.exec_driver_sql("INSERT INTO t VALUES (2)")
+        if end != "close":
+            conn.close()
+    finally:
+        first.dispose()
+        second.dispose()
+
+
 def test_foreign_keys_enforced(db, backend):
     """A row pointing at a missing user is refused on both backends."""
     from sqlalchemy.exc import IntegrityError

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -11,12 +14,72 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 15000
 READ_ONLY_OPTION = "onprem_label_read_only"
 
+_writer_locks: dict[str, threading.Lock] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def _writer_lock(database: str) -> threading.Lock:
+    """One lock per SQLite file in this process, shared by every engine opened on it."""
+    if database in ("", ":memory:"):
+        return threading.Lock()  # a memory database is private to its connection
+    with _writer_locks_guard:
+        return _writer_locks.setdefault(os.path.realpath(database), threading.Lock())
+
+
+class WriterLockedConnection(sqlite3.Connection):
+    """A sqlite3 connection whose write transactions queue on a lock in this process.
+
+    SQLite lets one writer in at a time. Threads that find the database locked otherwise poll
+    (sleeping 1, 2, 5, ... up to 100 ms between tries), so under load some requests wait far
+    longer than the work ahead of them; a lock wakes the next writer the moment the last one
+    commits. Other processes (a CLI ingest beside the server) still meet SQLite's own lock and
+    busy timeout. `writer_lock` is set on the subclass made for each engine.
+    """
+
+    writer_lock: threading.Lock
+    holds_writer_lock = False
+
+    def acquire_writer(self) -> None:
+        """Wait for this process's other writers (as long as SQLite's busy timeout would)."""
+        if not self.holds_writer_lock:
+            if not self.writer_lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+                raise sqlite3.OperationalError("database is locked (by another thread of this process)")
+            self.holds_writer_lock = True
+
+    def release_writer(self) -> None:
+        """Let the next writer in (after COMMIT or ROLLBACK)."""
+        if self.holds_writer_lock:
+            self.holds_writer_lock = False
+            self.writer_lock.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.release_writer()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.release_writer()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.release_writer()
+
 
 def make_engine(url: str, **kwargs) -> Engine:
     """Create an engine for `url`, with SQLite tuned for many threads writing at once."""
     if url.startswith("postgresql:"):
         # psycopg 3 is the only PostgreSQL driver we ship with.
         url = "postgresql+psycopg:" + url[len("postgresql:"):]
+    if url.startswith("sqlite"):
+        database = url.split("///", 1)[1] if "///" in url else ""
+        factory = type("WriterLocked", (WriterLockedConnection,), {"writer_lock": _writer_lock(database)})
+        kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "factory": factory}
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
@@ -44,8 +107,16 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
         # Read-only transactions (see read_only) need no lock: WAL readers run side by side.
-        deferred = connection.get_execution_options().get(READ_ONLY_OPTION)
-        connection.exec_driver_sql("BEGIN DEFERRED" if deferred else "BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN DEFERRED")
+            return
+        raw = connection.connection.dbapi_connection
+        raw.acquire_writer()
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            raw.release_writer()
+            raise
 
 
 def read_only(session: Session) -> Session:

@@ -12,15 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import bindparam, or_
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
-from onprem_label.db.models import Project, Task, User
+from onprem_label.db.models import User
+from onprem_label.workflow import taskrows
 from onprem_label.workflow.errors import IllegalTransition, LeaseLost
 from onprem_label.workflow.members import require_role
 from onprem_label.workflow.settings import project_settings
+from onprem_label.workflow.taskrows import TASKS as T, TaskRow, first_of, queue_query, write_task
 
 HEARTBEAT_CAP = timedelta(minutes=2)  # longer gaps are idle time, not work
 
@@ -29,72 +31,77 @@ HEARTBEAT_CAP = timedelta(minutes=2)  # longer gaps are idle time, not work
 class Lease:
     """A task handed out: what kind of work it is for the caller."""
 
-    task: Task
+    task: TaskRow
     kind: str  # "label" | "rework" | "review"
 
 
-def holds_lease(task: Task, user: User, now: datetime) -> bool:
+def holds_lease(task: TaskRow, user: User, now: datetime) -> bool:
     """True while `user` holds a live lease on `task`."""
     return task.lease_owner_id == user.id and task.lease_expires_at is not None and task.lease_expires_at > now
 
 
-def lease_next_task(db: Session, project: Project, user: User, *, review: bool, now: datetime,
+_P, _U, _NOW = bindparam("project_id"), bindparam("user_id"), bindparam("now")
+HELD = {state: queue_query(T.c.project_id == _P, T.c.lease_owner_id == _U, T.c.state == state,
+                            T.c.lease_expires_at > _NOW, order_by=[T.c.id])
+         for state in ("labeling", "reviewing")}
+# One condition per query (no OR on the labeler's side): each is answered from an index, so the
+# cost does not grow with the project (an OR made SQLite scan the project's tasks and sort them).
+_MINE = (T.c.project_id == _P, T.c.labeler_id == _U)
+LABEL_QUEUES = {
+    "rework": queue_query(*_MINE, T.c.state == "rework", order_by=[T.c.updated_at, T.c.id]),
+    # my own rework whose lease lapsed while I held it
+    "lapsed rework": queue_query(*_MINE, T.c.state == "labeling", T.c.round > 0, T.c.lease_expires_at <= _NOW,
+                                 order_by=[T.c.updated_at, T.c.id]),
+    # the first lap of the queue: new tasks by id, then first-round tasks whose holder vanished
+    "new": queue_query(T.c.project_id == _P, T.c.state == "new", order_by=[T.c.id]),
+    "lapsed new": queue_query(T.c.project_id == _P, T.c.state == "labeling", T.c.round == 0,
+                              T.c.lease_expires_at <= _NOW, order_by=[T.c.lease_expires_at, T.c.id]),
+}
+_NOT_MINE = or_(T.c.labeler_id.is_(None), T.c.labeler_id != _U)
+REVIEW_QUEUES = {
+    "submitted": queue_query(T.c.project_id == _P, T.c.state == "submitted", _NOT_MINE,
+                             order_by=[T.c.submitted_at, T.c.id]),
+    "lapsed review": queue_query(T.c.project_id == _P, T.c.state == "reviewing", T.c.lease_expires_at <= _NOW,
+                                 _NOT_MINE, order_by=[T.c.lease_expires_at, T.c.id]),
+}
+
+
+def lease_next_task(db: Session, project, user: User, *, review: bool, now: datetime,
                     context: AuditContext = CONSOLE) -> Lease | None:
     """The caller's next task, leased to them; None when there is no work.
 
     Labelers get their own rework first (oldest first), then new work; reviewers ask for review
     work separately and never get a task they labeled. A caller who already holds a live lease
     of that kind in the project gets the same task again (a reload must not grab a second one).
+    `project` is a row or object with id and settings.
     """
     require_role(db, project.id, user, "reviewer" if review else "labeler")
-    held = db.scalar(select(Task).where(Task.project_id == project.id, Task.lease_owner_id == user.id,
-                                        Task.state == ("reviewing" if review else "labeling"),
-                                        Task.lease_expires_at > now).limit(1))
+    conn, params = db.connection(), {"project_id": project.id, "user_id": user.id, "now": now}
+    held = first_of(conn, HELD["reviewing" if review else "labeling"], **params)
     if held is not None:
         return Lease(held, _kind(held, review))
-    for query in (_review_queries if review else _label_queries)(project.id, user.id, now):
-        task = db.scalar(query.limit(1).with_for_update(skip_locked=True))
+    for query in (REVIEW_QUEUES if review else LABEL_QUEUES).values():
+        task = first_of(conn, query, **params)
         if task is not None:
             return _grant(db, task, user, review, project_settings(project).lease_minutes, now, context)
     return None
 
 
-def _label_queries(project_id: int, user_id: int, now: datetime) -> list[Select]:
-    # One condition per query (no OR): each is answered from an index, so the cost does not
-    # grow with the project (an OR made SQLite scan the project's tasks and sort them).
-    mine = select(Task).where(Task.project_id == project_id, Task.labeler_id == user_id)
-    return [mine.where(Task.state == "rework").order_by(Task.updated_at, Task.id),
-            # my own rework whose lease lapsed while I held it
-            mine.where(Task.state == "labeling", Task.round > 0, Task.lease_expires_at <= now)
-            .order_by(Task.updated_at, Task.id),
-            # the first lap of the queue: new tasks by id, then first-round tasks whose holder vanished
-            select(Task).where(Task.project_id == project_id, Task.state == "new").order_by(Task.id),
-            select(Task).where(Task.project_id == project_id, Task.state == "labeling", Task.round == 0,
-                               Task.lease_expires_at <= now).order_by(Task.lease_expires_at, Task.id)]
-
-
-def _review_queries(project_id: int, user_id: int, now: datetime) -> list[Select]:
-    not_mine = or_(Task.labeler_id.is_(None), Task.labeler_id != user_id)
-    return [select(Task).where(Task.project_id == project_id, Task.state == "submitted", not_mine)
-            .order_by(Task.submitted_at, Task.id),
-            select(Task).where(Task.project_id == project_id, Task.state == "reviewing",
-                               Task.lease_expires_at <= now, not_mine).order_by(Task.lease_expires_at, Task.id)]
-
-
-def _grant(db: Session, task: Task, user: User, review: bool, minutes: int, now: datetime,
+def _grant(db: Session, task: TaskRow, user: User, review: bool, minutes: int, now: datetime,
            context: AuditContext) -> Lease:
     if task.lease_owner_id is not None and task.lease_owner_id != user.id:
         record(db, AuditAction.TASK_LEASE_EXPIRED, object_type="task", object_id=task.id,
                details={"previous_holder": task.lease_owner_id, "expired_at": str(task.lease_expires_at)},
                context=context, now=now)
-    before = task.state
+    before, version = task.state, task.version
     task.state = "reviewing" if review else "labeling"
     if review:
         task.reviewer_id = user.id
     elif task.round == 0:
         task.labeler_id = user.id  # the first lap: whoever labels it owns its rework later
     task.lease_owner_id, task.lease_expires_at = user.id, now + timedelta(minutes=minutes)
-    task.last_heartbeat_at, task.updated_at, task.version = now, now, task.version + 1
+    task.last_heartbeat_at, task.updated_at, task.version = now, now, version + 1
+    write_task(db.connection(), task, version)
     lease = Lease(task, _kind(task, review))
     record(db, AuditAction.TASK_LEASE, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "kind": lease.kind, "from": before, "round": task.round,
@@ -102,28 +109,29 @@ def _grant(db: Session, task: Task, user: User, review: bool, minutes: int, now:
     return lease
 
 
-def _kind(task: Task, review: bool) -> str:
+def _kind(task: TaskRow, review: bool) -> str:
     return "review" if review else ("rework" if task.round > 0 else "label")
 
 
-def renew_lease(db: Session, task: Task, user: User, *, now: datetime) -> Task:
+def renew_lease(db: Session, task: TaskRow, user: User, *, now: datetime) -> TaskRow:
     """Heartbeat: extend the caller's live lease and count the time since the last beat as work."""
     if not holds_lease(task, user, now):
         raise LeaseLost("You no longer hold this task.", state=task.state, version=task.version)
-    project = db.get(Project, task.project_id)
+    project = task.project or taskrows.load_project(db.connection(), task.project_id)
     if task.last_heartbeat_at is not None:
         task.active_seconds += int(min(now - task.last_heartbeat_at, HEARTBEAT_CAP).total_seconds())
     task.last_heartbeat_at = now
     task.lease_expires_at = now + timedelta(minutes=project_settings(project).lease_minutes)
+    write_task(db.connection(), task, task.version)  # the version stays: a heartbeat changes no work
     return task
 
 
-def release_lease(db: Session, task: Task, user: User, *, now: datetime,
-                  context: AuditContext = CONSOLE) -> Task:
+def release_lease(db: Session, task: TaskRow, user: User, *, now: datetime,
+                  context: AuditContext = CONSOLE) -> TaskRow:
     """Give the task back: a first-round task returns to the queue, rework stays the labeler's."""
     if not holds_lease(task, user, now):
         raise LeaseLost("You no longer hold this task.", state=task.state, version=task.version)
-    before = task.state
+    before, version = task.state, task.version
     if task.state == "labeling":
         task.state = "new" if task.round == 0 else "rework"
         if task.round == 0:
@@ -133,7 +141,8 @@ def release_lease(db: Session, task: Task, user: User, *, now: datetime,
     else:
         raise IllegalTransition(f"A {task.state} task cannot be released.", state=task.state, version=task.version)
     task.lease_owner_id = task.lease_expires_at = None
-    task.updated_at, task.version = now, task.version + 1
+    task.updated_at, task.version = now, version + 1
+    write_task(db.connection(), task, version)
     record(db, AuditAction.TASK_RELEASE, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "from": before, "to": task.state}, context=context, now=now)
     return task

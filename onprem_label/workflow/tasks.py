@@ -16,43 +16,42 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
-from onprem_label.db.models import Annotation, Item, Project, Review, Task, User
+from onprem_label.db.models import User
+from onprem_label.workflow import taskrows
 from onprem_label.workflow.errors import Forbidden, IllegalTransition, Invalid, LeaseLost, NotFound, StaleVersion
 from onprem_label.workflow.leases import holds_lease
 from onprem_label.workflow.members import project_roles, require_role
 from onprem_label.workflow.settings import project_settings
 from onprem_label.workflow.shapes import ShapeError, validate_annotation
+from onprem_label.workflow.taskrows import TaskRow, write_task
 
 MAX_COMMENT = 5000
 DECISIONS = ("accept", "reject", "correct")
 
 
-def get_task(db: Session, task_id: int, user: User, *, lock: bool = False) -> Task:
+def get_task(db: Session, task_id: int, user: User, *, lock: bool = False) -> TaskRow:
     """A task the user may see (any project role); 404 for another project's task."""
-    query = select(Task).where(Task.id == task_id)
-    task = db.scalar(query.with_for_update() if lock else query)
+    task = taskrows.load_task(db.connection(), task_id, lock=lock)
     if task is None or not project_roles(db, task.project_id, user):
         raise NotFound("No such task.")
     return task
 
 
-def latest_annotation(db: Session, task_id: int) -> Annotation | None:
-    """The task's newest revision."""
-    return db.scalar(select(Annotation).where(Annotation.task_id == task_id)
-                     .order_by(Annotation.revision.desc()).limit(1))
+def latest_annotation(db: Session, task_id: int):
+    """The task's newest revision (a row with the annotations columns), or None."""
+    return taskrows.latest_annotation(db.connection(), task_id)
 
 
-def reviews_of(db: Session, task_id: int) -> list[Review]:
-    """Every review decision on the task, oldest first."""
-    return list(db.scalars(select(Review).where(Review.task_id == task_id).order_by(Review.id)))
+def reviews_of(db: Session, task_id: int) -> list:
+    """Every review decision on the task, oldest first (rows with the reviews columns)."""
+    return taskrows.reviews_of(db.connection(), task_id)
 
 
-def _check(task: Task, user: User, state: str, version: Any, now: datetime) -> None:
+def _check(task: TaskRow, user: User, state: str, version: Any, now: datetime) -> None:
     """The common guard: state, then lease, then version (in that order, for useful 409s)."""
     if task.state != state:
         raise IllegalTransition(f"The task is {task.state}, not {state}.", state=task.state, version=task.version)
@@ -66,47 +65,44 @@ def _check(task: Task, user: User, state: str, version: Any, now: datetime) -> N
                            version=task.version)
 
 
-def _validated(db: Session, task: Task, body: Any, *, complete: bool) -> dict:
-    project, item = db.get(Project, task.project_id), db.get(Item, task.item_id)
+def _validated(db: Session, task: TaskRow, body: Any, *, complete: bool) -> tuple[dict, Any]:
+    """The annotation, checked against the project's schema and the item; and the project row."""
+    conn = db.connection()
+    project = task.project or taskrows.load_project(conn, task.project_id)
+    item = task.item or taskrows.item_size(conn, task.item_id)
     try:
         return validate_annotation(body, project.label_schema or {}, width=item.width, height=item.height,
-                                   frames=item.frames, require_complete=complete)
+                                   frames=item.frames, require_complete=complete), project
     except ShapeError as exc:
         raise Invalid("The annotation is not valid.", errors=exc.errors) from None
 
 
-def _add_revision(db: Session, task: Task, author: User, annotation: dict, kind: str, now: datetime) -> Annotation:
-    revision = (db.scalar(select(func.max(Annotation.revision)).where(Annotation.task_id == task.id)) or 0) + 1
-    project = db.get(Project, task.project_id)
-    row = Annotation(task_id=task.id, revision=revision, round=task.round, kind=kind, author_id=author.id,
-                     schema_version=project.schema_version, shapes=annotation.get("shapes", []),
-                     classifications=annotation.get("classifications", {}), created_at=now)
-    db.add(row)
-    return row
-
-
-def save_annotation(db: Session, task: Task, user: User, body: Any, version: Any, *, now: datetime,
-                    context: AuditContext = CONSOLE) -> Annotation:
-    """A new revision of the labels (draft: required answers may still be missing)."""
+def save_annotation(db: Session, task: TaskRow, user: User, body: Any, version: Any, *, now: datetime,
+                    context: AuditContext = CONSOLE):
+    """A new revision of the labels (draft: required answers may still be missing); the revision."""
     _check(task, user, "labeling", version, now)
-    annotation = _validated(db, task, body, complete=False)
-    row = _add_revision(db, task, user, annotation, "label", now)
+    annotation, project = _validated(db, task, body, complete=False)
+    conn = db.connection()
+    row = taskrows.add_annotation(conn, task=task, author_id=user.id, kind="label",
+                                  schema_version=project.schema_version, annotation=annotation, now=now)
     task.version, task.updated_at = task.version + 1, now
+    write_task(conn, task, version)
     record(db, AuditAction.ANNOTATION_SAVE, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "revision": row.revision, "shapes": len(row.shapes),
                     "version": task.version}, context=context, now=now)
     return row
 
 
-def submit_task(db: Session, task: Task, user: User, version: Any, *, now: datetime,
-                context: AuditContext = CONSOLE) -> Task:
+def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: datetime,
+                context: AuditContext = CONSOLE) -> TaskRow:
     """The labeler hands in: the latest revision must be complete; then review, or a sampled skip."""
     _check(task, user, "labeling", version, now)
     latest = latest_annotation(db, task.id)
     if latest is None:
         raise Invalid("Save the labels before submitting.", errors=[{"field": "annotation", "message": "none saved"}])
-    _validated(db, task, {"shapes": latest.shapes, "classifications": latest.classifications}, complete=True)
-    rate = project_settings(db.get(Project, task.project_id)).review_rate
+    _, project = _validated(db, task, {"shapes": latest.shapes, "classifications": latest.classifications},
+                            complete=True)
+    rate = project_settings(project).review_rate
     task.review_sampled = rate >= 1.0 or secrets.randbelow(10**6) < rate * 10**6
     task.lease_owner_id = task.lease_expires_at = None
     task.submitted_at, task.updated_at, task.version = now, now, task.version + 1
@@ -116,17 +112,18 @@ def submit_task(db: Session, task: Task, user: User, version: Any, *, now: datet
     else:
         # Review rate below 100%: this one was not drawn for review, and the trail says so.
         task.state, task.accepted_at = "accepted", now
-        db.add(Review(task_id=task.id, round=task.round, reviewer_id=None, decision="auto_accept",
-                      comment=f"not sampled for review (review rate {rate:.0%})",
-                      annotation_revision=latest.revision, created_at=now))
+        taskrows.add_review(db.connection(), task_id=task.id, round=task.round, reviewer_id=None,
+                            decision="auto_accept", comment=f"not sampled for review (review rate {rate:.0%})",
+                            annotation_revision=latest.revision, created_at=now)
         details["auto_accepted"] = f"review rate {rate}"
+    write_task(db.connection(), task, version)
     record(db, AuditAction.TASK_SUBMIT, actor=user, object_type="task", object_id=task.id,
            details={**details, "to": task.state}, context=context, now=now)
     return task
 
 
-def review_task(db: Session, task: Task, user: User, decision: Any, version: Any, *, comment: Any = "",
-                shape_id: Any = None, body: Any = None, now: datetime, context: AuditContext = CONSOLE) -> Task:
+def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: Any, *, comment: Any = "",
+                shape_id: Any = None, body: Any = None, now: datetime, context: AuditContext = CONSOLE) -> TaskRow:
     """Accept, reject (comment required; back to the labeler) or correct-and-accept."""
     _check(task, user, "reviewing", version, now)
     if task.labeler_id == user.id:
@@ -138,20 +135,24 @@ def review_task(db: Session, task: Task, user: User, decision: Any, version: Any
         raise Invalid("shape_id is a shape's id.", errors=[{"field": "shape_id", "message": "a string of <= 64"}])
     latest = latest_annotation(db, task.id)
     revision = latest.revision if latest else None
+    project = None
     if decision == "correct":
-        corrected = _validated(db, task, body, complete=True)
-        revision = _add_revision(db, task, user, corrected, "correction", now).revision
-    db.add(Review(task_id=task.id, round=task.round, reviewer_id=user.id, decision=decision, comment=comment,
-                  shape_id=shape_id, annotation_revision=revision, created_at=now))
+        corrected, project = _validated(db, task, body, complete=True)
+        revision = taskrows.add_annotation(db.connection(), task=task, author_id=user.id, kind="correction",
+                                           schema_version=project.schema_version, annotation=corrected,
+                                           now=now).revision
+    taskrows.add_review(db.connection(), task_id=task.id, round=task.round, reviewer_id=user.id, decision=decision,
+                        comment=comment, shape_id=shape_id, annotation_revision=revision, created_at=now)
     before_round = task.round
     if decision == "reject":
         task.round += 1
-        max_rounds = project_settings(db.get(Project, task.project_id)).max_rounds
-        task.state = "escalated" if task.round >= max_rounds else "rework"
+        project = project or task.project or taskrows.load_project(db.connection(), task.project_id)
+        task.state = "escalated" if task.round >= project_settings(project).max_rounds else "rework"
     else:
         task.state, task.accepted_at = "accepted", now
     task.lease_owner_id = task.lease_expires_at = None
     task.updated_at, task.version = now, task.version + 1
+    write_task(db.connection(), task, version)
     record(db, AuditAction.TASK_REVIEW, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "decision": decision, "round": before_round, "to": task.state,
                     "labeler_id": task.labeler_id, "revision": revision, "pinned": shape_id is not None},
@@ -170,8 +171,8 @@ def _comment(comment: Any, *, required: bool) -> str:
     return comment.strip()
 
 
-def reassign_task(db: Session, task: Task, manager: User, labeler: User, version: Any, *, now: datetime,
-                  context: AuditContext = CONSOLE) -> Task:
+def reassign_task(db: Session, task: TaskRow, manager: User, labeler: User, version: Any, *, now: datetime,
+                  context: AuditContext = CONSOLE) -> TaskRow:
     """A manager sends an escalated task back to rework by a labeler of their choice."""
     require_role(db, task.project_id, manager, "manager")
     if task.state != "escalated":
@@ -185,6 +186,7 @@ def reassign_task(db: Session, task: Task, manager: User, labeler: User, version
     before = task.labeler_id
     task.state, task.labeler_id = "rework", labeler.id
     task.updated_at, task.version = now, task.version + 1
+    write_task(db.connection(), task, version)
     record(db, AuditAction.TASK_REASSIGN, actor=manager, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "from_labeler": before, "to_labeler": labeler.id},
            context=context, now=now)

@@ -28,11 +28,16 @@ PAGE_MAX = 500
 
 
 def _user():
-    return db().merge(current_user._get_current_object())
+    # load=False: the caller was read by the login check just now; no second SELECT.
+    return db().merge(current_user._get_current_object(), load=False)
 
 
-def item_json(item: Item) -> dict:
-    """An item's de-identified description (no file names, no patient data)."""
+def item_json(item: Item, images=None) -> dict:
+    """An item's de-identified description (no file names, no patient data).
+
+    `item` is an Item or a row of the items table; `images` its image rows, when not item.images.
+    """
+    images = item.images if images is None else images
     return {"id": item.id, "project_id": item.project_id, "kind": item.kind, "width": item.width,
             "height": item.height, "frames": item.frames, "modality": item.modality,
             "study_uid": item.study_uid, "series_uid": item.series_uid, "is_stack": item.is_stack,
@@ -40,7 +45,7 @@ def item_json(item: Item) -> dict:
             "created_at": item.created_at.isoformat(),
             "images": [{"position": i.position, "frames": i.frames, "width": i.width, "height": i.height,
                         "instance_uid": i.instance_uid, "meta": i.meta, "deid_report": i.deid_report}
-                       for i in item.images]}
+                       for i in images]}
 
 
 @bp.post("/projects/<id:project_id>/items")

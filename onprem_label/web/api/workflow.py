@@ -10,12 +10,12 @@ from sqlalchemy import select
 
 from onprem_label.audit import AuditAction, record
 from onprem_label.auth.roles import Permission
-from onprem_label.db.models import TASK_STATES, Item, Project, ProjectMember, Task, User
+from onprem_label.db.models import TASK_STATES, Project, ProjectMember, Task, User
 from onprem_label.web.api import bp
 from onprem_label.web.api.items import item_json
 from onprem_label.web.context import audit_context, db, now
 from onprem_label.web.login import require
-from onprem_label.workflow import dashboard, leases, members, tasks
+from onprem_label.workflow import dashboard, leases, members, taskrows, tasks
 from onprem_label.workflow.errors import Forbidden, Invalid, NotFound
 from onprem_label.workflow.projects import create_project, set_schema, state_counts
 from onprem_label.workflow.settings import validate_settings
@@ -24,7 +24,14 @@ PAGE_MAX = 500
 
 
 def _user() -> User:
-    return db().merge(current_user._get_current_object())
+    # load=False: the caller was read by the login check just now; no second SELECT.
+    return db().merge(current_user._get_current_object(), load=False)
+
+
+def _caller() -> User:
+    """The caller as the login check read them: enough for the task loop, which only needs their id,
+    name and roles (no ORM session work on every request)."""
+    return current_user._get_current_object()
 
 
 def _body() -> dict[str, Any]:
@@ -169,8 +176,8 @@ def next_task(project_id: int):
     body = request.get_json(silent=True) or {}
     if not isinstance(body, dict) or body.get("kind", "label") not in ("label", "review"):
         raise Invalid("kind is label or review.", errors=[{"field": "kind", "message": "label or review"}])
-    dbs, user = db(), _user()
-    project = members.get_project(dbs, project_id, user)
+    dbs, user = db(), _caller()
+    project = members.get_project_row(dbs, project_id, user)
     if not project.label_schema:
         raise Invalid("This project has no label schema yet.", errors=[{"field": "label_schema", "message": "missing"}])
     lease = leases.lease_next_task(dbs, project, user, review=body.get("kind") == "review", now=now(),
@@ -178,8 +185,8 @@ def next_task(project_id: int):
     if lease is None:
         dbs.commit()
         return "", 204
-    item = dbs.get(Item, lease.task.item_id)
-    answer = {"task": task_json(lease.task), "item": item_json(item), "kind": lease.kind,
+    item, images = taskrows.load_item(dbs.connection(), lease.task.item_id)
+    answer = {"task": task_json(lease.task), "item": item_json(item, images), "kind": lease.kind,
               "annotation": annotation_json(tasks.latest_annotation(dbs, lease.task.id)),
               "reviews": [review_json(r) for r in tasks.reviews_of(dbs, lease.task.id)]}
     dbs.commit()
@@ -221,8 +228,8 @@ def get_task(task_id: int):
     return jsonify(answer)
 
 
-def _locked(task_id: int) -> tuple[Task, User]:
-    dbs, user = db(), _user()
+def _locked(task_id: int) -> tuple[taskrows.TaskRow, User]:
+    dbs, user = db(), _caller()
     return tasks.get_task(dbs, task_id, user, lock=True), user
 
 

@@ -1,0 +1,64 @@
+"""The label loop's prebuilt statements: a lost update is refused, and a locked task locks nothing else."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text, update
+from sqlalchemy.exc import OperationalError
+
+from imaging_helpers import new_project
+from onprem_label.db.models import Task
+from onprem_label.workflow import taskrows
+from onprem_label.workflow.errors import StaleVersion
+from workflow_helpers import SCHEMA, ingest_items
+
+
+@pytest.fixture
+def task_id(app, db, clock) -> int:
+    """One new task in a project with a schema."""
+    project_id = new_project(db)
+    db.execute(update(taskrows.PROJECTS).where(taskrows.PROJECTS.c.id == project_id).values(label_schema=SCHEMA))
+    db.commit()
+    [item_id] = ingest_items(app, db, project_id, 1, clock)
+    return db.scalar(Task.__table__.select().with_only_columns(Task.id).where(Task.item_id == item_id))
+
+
+def test_load_task_reads_the_project_and_item_with_the_task(app, db, task_id):
+    """One statement brings the task, its project's schema and settings, and its item's size."""
+    task = taskrows.load_task(db.connection(), task_id)
+    assert task.state == "new" and task.version == 1
+    assert task.project.label_schema == SCHEMA and task.project.id == task.project_id
+    assert (task.item.width, task.item.height, task.item.frames) == (16, 16, 1)  # workflow_helpers' items
+    db.rollback()
+
+
+def test_write_task_refuses_a_row_that_moved_on(app, db, task_id, clock):
+    """A write based on an older version changes nothing and raises StaleVersion."""
+    task = taskrows.load_task(db.connection(), task_id)
+    db.rollback()
+    db.execute(update(Task).where(Task.id == task_id).values(version=Task.version + 1))  # someone else
+    db.commit()
+    task.state, task.version = "labeling", 2
+    with pytest.raises(StaleVersion):
+        taskrows.write_task(db.connection(), task, 1)
+    db.rollback()
+    assert taskrows.load_task(db.connection(), task_id).state == "new"
+    db.rollback()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("backend", ["postgresql"])  # row locks are PostgreSQL's; SQLite has one writer
+def test_a_locked_task_does_not_lock_its_project(app, db, task_id, backend):
+    """FOR UPDATE OF tasks: other requests can still lock the project and item rows, not the task."""
+    engine = app.extensions["onprem_label"].engine
+    task = taskrows.load_task(db.connection(), task_id, lock=True)
+    try:
+        with engine.connect() as other:
+            other.execute(text("SET lock_timeout = '300ms'"))
+            other.execute(text("SELECT id FROM projects WHERE id = :p FOR UPDATE"), {"p": task.project_id})
+            other.execute(text("SELECT id FROM items WHERE id = :i FOR UPDATE"), {"i": task.item_id})
+            with pytest.raises(OperationalError):
+                other.execute(text("SELECT id FROM tasks WHERE id = :t FOR UPDATE"), {"t": task_id})
+            other.rollback()
+    finally:
+        db.rollback()
