@@ -33,6 +33,14 @@ RESERVED_HOTKEYS = MappingProxyType({
     "f": "fit image to window",
     "h": "hide or show shapes",
     "w": "window/level drag",
+    "v": "select and move tool",
+    "b": "box tool",
+    "g": "polygon tool",
+    "l": "polyline tool",
+    "t": "point tool",
+    "m": "mask brush tool",
+    "e": "mask eraser tool",
+    "c": "correct and accept (review)",
 })
 
 CLASS_KEYS = ("name", "color", "hotkey", "tools")

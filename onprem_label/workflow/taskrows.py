@@ -15,11 +15,12 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
-from onprem_label.db.models import Annotation, Item, ItemImage, Project, ProjectMember, Review, Task
+from onprem_label.db.models import Annotation, Item, ItemImage, Project, ProjectMember, Review, Task, User
 from onprem_label.workflow.errors import StaleVersion
 
 TASKS, ANNOTATIONS, REVIEWS = Task.__table__, Annotation.__table__, Review.__table__
 ITEMS, IMAGES, PROJECTS, MEMBERS = Item.__table__, ItemImage.__table__, Project.__table__, ProjectMember.__table__
+USERS = User.__table__
 
 
 @dataclass
@@ -153,7 +154,13 @@ def load_item(conn: Connection, item_id: int):
 _LATEST = select(ANNOTATIONS).where(ANNOTATIONS.c.task_id == bindparam("task_id")) \
     .order_by(ANNOTATIONS.c.revision.desc()).limit(1)
 _MAX_REVISION = select(func.max(ANNOTATIONS.c.revision)).where(ANNOTATIONS.c.task_id == bindparam("task_id"))
-_REVIEWS = select(REVIEWS).where(REVIEWS.c.task_id == bindparam("task_id")).order_by(REVIEWS.c.id)
+_REVIEWS = (select(REVIEWS, func.coalesce(func.nullif(USERS.c.display_name, ""), USERS.c.username).label("reviewer_name"))
+            .outerjoin(USERS, USERS.c.id == REVIEWS.c.reviewer_id)
+            .where(REVIEWS.c.task_id == bindparam("task_id")).order_by(REVIEWS.c.id))
+_REVISIONS = (select(ANNOTATIONS).where(ANNOTATIONS.c.task_id == bindparam("task_id"))
+              .order_by(ANNOTATIONS.c.revision.desc()).limit(bindparam("limit")))
+_REVISION = select(ANNOTATIONS).where(ANNOTATIONS.c.task_id == bindparam("task_id"),
+                                      ANNOTATIONS.c.revision == bindparam("revision"))
 _ADD_ANNOTATION = insert(ANNOTATIONS)
 _ADD_REVIEW = insert(REVIEWS)
 
@@ -164,8 +171,15 @@ def latest_annotation(conn: Connection, task_id: int):
 
 
 def reviews_of(conn: Connection, task_id: int) -> list:
-    """Every review decision on the task, oldest first (rows)."""
+    """Every review decision on the task, oldest first (rows, with the reviewer's name)."""
     return conn.execute(_REVIEWS, {"task_id": task_id}).all()
+
+
+def revisions_of(conn: Connection, task_id: int, *, limit: int, revision: int | None = None) -> list:
+    """The task's revisions, newest first (at most `limit`), or just revision `revision`."""
+    if revision is not None:
+        return conn.execute(_REVISION, {"task_id": task_id, "revision": revision}).all()
+    return conn.execute(_REVISIONS, {"task_id": task_id, "limit": limit}).all()
 
 
 def add_annotation(conn: Connection, *, task: TaskRow, author_id: int, kind: str, schema_version: int,

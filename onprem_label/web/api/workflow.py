@@ -21,6 +21,7 @@ from onprem_label.workflow.projects import create_project, set_schema, state_cou
 from onprem_label.workflow.settings import validate_settings
 
 PAGE_MAX = 500
+REVISIONS_MAX = 100
 
 
 def _user() -> User:
@@ -72,7 +73,8 @@ def annotation_json(row) -> dict | None:
 
 def review_json(row) -> dict:
     """One review decision."""
-    return {"round": row.round, "reviewer_id": row.reviewer_id, "decision": row.decision, "comment": row.comment,
+    return {"round": row.round, "reviewer_id": row.reviewer_id,
+            "reviewer_name": getattr(row, "reviewer_name", None), "decision": row.decision, "comment": row.comment,
             "shape_id": row.shape_id, "annotation_revision": row.annotation_revision,
             "created_at": row.created_at.isoformat()}
 
@@ -226,6 +228,27 @@ def get_task(task_id: int):
            details={"project_id": task.project_id}, context=audit_context(), now=now())
     dbs.commit()
     return jsonify(answer)
+
+
+@bp.get("/tasks/<id:task_id>/revisions")
+@require()
+def task_revisions(task_id: int):
+    """The task's saved revisions, newest first: `?limit=` (<= 100, default 20) or `?revision=n` for one."""
+    dbs, user = db(), _caller()
+    task = tasks.get_task(dbs, task_id, user)
+    try:
+        limit = min(int(request.args.get("limit", 20)), REVISIONS_MAX)
+        revision = int(request.args["revision"]) if "revision" in request.args else None
+    except ValueError:
+        raise Invalid("limit and revision are whole numbers.", errors=[{"field": "limit", "message": "integer"}]) from None
+    if limit < 1:
+        raise Invalid("limit is at least 1.", errors=[{"field": "limit", "message": ">= 1"}])
+    rows = taskrows.revisions_of(dbs.connection(), task.id, limit=limit, revision=revision)
+    record(dbs, AuditAction.TASK_VIEW, actor=user, object_type="task", object_id=task.id,
+           details={"project_id": task.project_id, "revisions": [r.revision for r in rows]},
+           context=audit_context(), now=now())
+    dbs.commit()
+    return jsonify({"revisions": [annotation_json(r) for r in rows]})
 
 
 def _locked(task_id: int) -> tuple[taskrows.TaskRow, User]:

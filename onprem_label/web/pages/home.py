@@ -7,9 +7,10 @@ from flask_login import current_user
 from sqlalchemy import select
 
 from onprem_label.auth.roles import Permission, landing_endpoint
-from onprem_label.db.models import AuditEvent, Project, ProjectMember
+from onprem_label.db.models import AuditEvent, Project
 from onprem_label.web.context import db
 from onprem_label.web.login import require
+from onprem_label.workflow.mywork import my_work
 
 bp = Blueprint("home", __name__)
 
@@ -24,11 +25,8 @@ def index():
 @bp.route("/work")
 @require(Permission.LABEL)
 def work():
-    """Labelers and reviewers: the projects they are members of."""
-    rows = db().execute(select(Project, ProjectMember.role).join(ProjectMember)
-                        .where(ProjectMember.user_id == current_user.id)
-                        .order_by(Project.name)).all()
-    return render_template("home/work.html", memberships=rows)
+    """Labelers and reviewers: their projects, what waits for them, their counts and quality."""
+    return render_template("home/work.html", projects=my_work(db(), current_user._get_current_object()))
 
 
 @bp.route("/projects")
