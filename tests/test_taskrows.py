@@ -7,7 +7,7 @@ from sqlalchemy import text, update
 from sqlalchemy.exc import OperationalError
 
 from imaging_helpers import new_project
-from onprem_label.db.models import Task
+from onprem_label.db.models import Project, Task
 from onprem_label.workflow import taskrows
 from onprem_label.workflow.errors import StaleVersion
 from workflow_helpers import SCHEMA, ingest_items
@@ -62,3 +62,44 @@ def test_a_locked_task_does_not_lock_its_project(app, db, task_id, backend):
             other.rollback()
     finally:
         db.rollback()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("backend", ["postgresql"])  # SQLite serialises every writer already
+def test_one_caller_asking_twice_at_once_gets_one_task(app, db, task_id, backend, clock):
+    """Two lease requests of one labeler at the same moment: the second waits and gets the same task."""
+    import threading
+
+    from onprem_label.auth import accounts
+    from onprem_label.workflow.leases import lease_next_task
+    from onprem_label.workflow.members import add_member
+
+    svc = app.extensions["onprem_label"]
+    project_id = taskrows.load_task(db.connection(), task_id).project_id
+    db.rollback()
+    ingest_items(app, db, project_id, 1, clock)  # a second task the second request could take
+    labeler = accounts.create_user(db, "twice", "a passphrase long enough", ["labeler"],
+                                   must_change_password=False, now=clock())
+    project = taskrows.load_project(db.connection(), project_id)
+    add_member(db, db.get(Project, project_id), "twice", "labeler", actor=None, now=clock())
+    db.commit()
+    first_db, second_db = svc.sessionmaker(), svc.sessionmaker()
+    first = lease_next_task(first_db, project, labeler, review=False, now=clock())  # not committed yet
+    got = {}
+
+    def second_request():
+        got["lease"] = lease_next_task(second_db, project, labeler, review=False, now=clock())
+        got["at_commit_of_first"] = committed.is_set()
+        second_db.commit()
+
+    committed = threading.Event()
+    thread = threading.Thread(target=second_request)
+    thread.start()
+    thread.join(timeout=1.0)
+    assert thread.is_alive()  # waiting for the first request's lease to be committed
+    committed.set()
+    first_db.commit()
+    thread.join(timeout=10)
+    assert got["at_commit_of_first"] and got["lease"].task.id == first.task.id
+    first_db.close()
+    second_db.close()

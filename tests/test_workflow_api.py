@@ -225,6 +225,9 @@ def test_heartbeat_extends_the_lease_and_counts_active_time_release_returns_it(a
         beat = client.post(f"/api/v1/tasks/{task['id']}/heartbeat", headers=people["labeler1"])
         assert beat.status_code == 200
     assert beat.get_json()["task"]["active_seconds"] == 3 * 120  # gaps over 2 minutes count as 2
+    beats = db.scalars(select(AuditEvent.details).where(AuditEvent.action == "task:heartbeat")).all()
+    db.rollback()
+    assert [d["active_seconds"] for d in beats] == [120, 240, 360]  # every renewal is audited
     assert lease(client, project, people["labeler2"]) is None  # 12 minutes later, still held
     released = client.post(f"/api/v1/tasks/{task['id']}/release", headers=people["labeler1"])
     assert released.status_code == 200 and released.get_json()["task"]["state"] == "new"

@@ -43,6 +43,7 @@ class AuditAction(StrEnum):
 
     TASK_LEASE = "task:lease"
     TASK_RELEASE = "task:release"
+    TASK_HEARTBEAT = "task:heartbeat"
     TASK_LEASE_EXPIRED = "task:lease_expired"
     TASK_SUBMIT = "task:submit"
     TASK_REVIEW = "task:review"

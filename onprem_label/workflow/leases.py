@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, or_
+from sqlalchemy import bindparam, or_, text
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
@@ -41,6 +41,7 @@ def holds_lease(task: TaskRow, user: User, now: datetime) -> bool:
 
 
 _P, _U, _NOW = bindparam("project_id"), bindparam("user_id"), bindparam("now")
+_ONE_ASKER = text("SELECT pg_advisory_xact_lock(:project_id, :user_id)")
 HELD = {state: queue_query(T.c.project_id == _P, T.c.lease_owner_id == _U, T.c.state == state,
                             T.c.lease_expires_at > _NOW, order_by=[T.c.id])
          for state in ("labeling", "reviewing")}
@@ -77,6 +78,10 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
     """
     require_role(db, project.id, user, "reviewer" if review else "labeler")
     conn, params = db.connection(), {"project_id": project.id, "user_id": user.id, "now": now}
+    if conn.dialect.name == "postgresql":
+        # One caller asking twice at once (two tabs, a double click) must not get two tasks: their
+        # requests queue here until the first has committed its lease (SQLite writers queue anyway).
+        conn.execute(_ONE_ASKER, {"project_id": project.id, "user_id": user.id})
     held = first_of(conn, HELD["reviewing" if review else "labeling"], **params)
     if held is not None:
         return Lease(held, _kind(held, review))
@@ -113,8 +118,9 @@ def _kind(task: TaskRow, review: bool) -> str:
     return "review" if review else ("rework" if task.round > 0 else "label")
 
 
-def renew_lease(db: Session, task: TaskRow, user: User, *, now: datetime) -> TaskRow:
-    """Heartbeat: extend the caller's live lease and count the time since the last beat as work."""
+def renew_lease(db: Session, task: TaskRow, user: User, *, now: datetime,
+                context: AuditContext = CONSOLE) -> TaskRow:
+    """Heartbeat: extend the caller's live lease and count the time since the last beat as work (audited)."""
     if not holds_lease(task, user, now):
         raise LeaseLost("You no longer hold this task.", state=task.state, version=task.version)
     project = task.project or taskrows.load_project(db.connection(), task.project_id)
@@ -123,6 +129,9 @@ def renew_lease(db: Session, task: TaskRow, user: User, *, now: datetime) -> Tas
     task.last_heartbeat_at = now
     task.lease_expires_at = now + timedelta(minutes=project_settings(project).lease_minutes)
     write_task(db.connection(), task, task.version)  # the version stays: a heartbeat changes no work
+    record(db, AuditAction.TASK_HEARTBEAT, actor=user, object_type="task", object_id=task.id,
+           details={"project_id": task.project_id, "expires_at": task.lease_expires_at.isoformat(),
+                    "active_seconds": task.active_seconds}, context=context, now=now)
     return task
 
 

@@ -273,7 +273,7 @@ def save_annotation(task_id: int):
 def heartbeat(task_id: int):
     """Keep the lease alive while the person works."""
     task, user = _locked(task_id)
-    leases.renew_lease(db(), task, user, now=now())
+    leases.renew_lease(db(), task, user, now=now(), context=audit_context())
     db().commit()
     return jsonify({"task": task_json(task)})
 
