@@ -83,8 +83,9 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
 
     from onprem_label.web.api import bp as api_bp
     from onprem_label.web.health import bp as health_bp
-    from onprem_label.web.pages import admin, auth, home, items, work
+    from onprem_label.web.pages import admin, auth, home, items, projects, work
 
-    for blueprint in (health_bp, auth.bp, home.bp, admin.bp, items.bp, work.bp, api_bp):
+    for blueprint in (health_bp, auth.bp, home.bp, admin.bp, items.bp, work.bp, projects.bp,
+                      api_bp):
         app.register_blueprint(blueprint)
     return app

@@ -91,6 +91,7 @@ class BrowserSession:
         self.requests: list[str] = []
         self.documents: list = []  # (url, headers) of every page
         self.console_errors: list[str] = []
+        self.titles: list[str] = []  # of every page loaded
         self.context.on("request", lambda request: self.requests.append(request.url))
         self.context.on("response", self._response)
         self.page = self.new_page()
@@ -105,6 +106,7 @@ class BrowserSession:
         page.on("console", lambda m: self.console_errors.append(f"{m.text} {m.location.get('url', '')}")
                 if m.type == "error" else None)
         page.on("pageerror", lambda exc: self.console_errors.append(str(exc)))
+        page.on("load", lambda loaded: self.titles.append(loaded.title()))
         return page
 
     def login(self, username: str, password: str = PASSWORD) -> None:

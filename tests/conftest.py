@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
+from browser_helpers import CHROMIUM_ARGS, ensure_chromium
 from onprem_label.app import create_app
 from onprem_label.auth import passwords
 from onprem_label.config import load_settings
@@ -234,3 +235,17 @@ def auth(client):
             return csrf_from(client, path)
 
     return Auth()
+
+
+# --- browsers --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium under Playwright (never a downloaded browser), for the whole session."""
+    from playwright.sync_api import sync_playwright
+
+    path = ensure_chromium()
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

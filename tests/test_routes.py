@@ -95,6 +95,13 @@ MATRIX = {
     ("api.review", "POST"): row(401, 403, 403, 404, 404, 404),  # managers are not reviewers
     ("api.release", "POST"): row(401, 409, 409, 404, 404, 404),
     ("api.reassign", "POST"): row(401, 409, 409, 404, 404, 404),  # not escalated
+    # Project admin pages: the form's name is taken (422); the page needs the project manager role.
+    ("projects.create", "POST"): row(LOGIN, 422, 422, 403, 403, 403),
+    ("projects.admin", "GET"): row(LOGIN, 200, 200, 404, 404, 404),
+    ("api.task_revisions", "GET"): row(401, 200, 200, 404, 404, 404),
+    # The workspaces need the project role; the matrix's people are not members (404), other roles 403.
+    ("work.label", "GET"): row(LOGIN, 403, 403, 404, 404, 403),
+    ("work.review", "GET"): row(LOGIN, 403, 403, 403, 404, 403),
 }
 
 # What each state-changing request sends (besides a valid CSRF token).
@@ -119,6 +126,7 @@ BODY = {
     ("api.review", "POST"): {"json": {"decision": "accept", "version": 1}},
     ("api.release", "POST"): {"json": {}},
     ("api.reassign", "POST"): {"json": {"username": "target", "version": 1}},
+    ("projects.create", "POST"): {"data": {"name": "Chest CT"}},  # the matrix project's own name
 }
 
 GET_ROUTES = sorted(key for key in MATRIX if key[1] == "GET")
@@ -168,10 +176,11 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
             "items.item": {"item_id": ids["item"]},
             **{name: {"project_id": ids["project"]} for name in (
                 "api.get_project", "api.update_project", "api.list_members", "api.add_member",
-                "api.project_dashboard", "api.next_task", "api.list_tasks")},
+                "api.project_dashboard", "api.next_task", "api.list_tasks", "work.label", "work.review",
+                "projects.admin")},
             **{name: {"task_id": ids["task"]} for name in (
                 "api.get_task", "api.save_annotation", "api.heartbeat", "api.submit", "api.review",
-                "api.release", "api.reassign")}}.get(endpoint, {})
+                "api.release", "api.reassign", "api.task_revisions")}}.get(endpoint, {})
     with app.test_request_context():
         return url_for(endpoint, **args)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from browser_helpers import CHROMIUM_ARGS, BrowserSession, ensure_chromium, make_people, start_server
-from imaging_helpers import make_dicom
+from browser_helpers import BrowserSession, make_people, start_server
+from imaging_helpers import PATIENT, PATIENT_ID, make_dicom
 from onprem_label.app import create_app
 from onprem_label.db.models import Annotation, Review, Task
 from onprem_label.imaging.ingest import IngestTarget, ingest_stream
@@ -23,18 +23,6 @@ SCHEMA = {"classes": [{"name": "nodule", "color": "#e6194b", "hotkey": "1", "too
           "questions": [{"name": "quality", "type": "single", "options": ["good", "poor"], "required": True}]}
 WIDTH, HEIGHT = 256, 200
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """Debian's Chromium under Playwright (never a downloaded browser), for the whole session."""
-    from playwright.sync_api import sync_playwright
-
-    path = ensure_chromium()
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
@@ -254,6 +242,9 @@ def test_label_review_rework_accept_in_the_browser(site, browser):
         assert session.documents and all("default-src 'self'" in headers.get("content-security-policy", "")
                                          for _, headers in session.documents)
         assert session.console_errors == []
+        leaked = [u for u in session.requests if any(m in u for m in (PATIENT, PATIENT_ID, "Smithfield"))]
+        assert leaked == []  # no identifying value in any URL
+        assert session.titles and all("Smithfield" not in title for title in session.titles)
         session.close()
 
 

@@ -16,8 +16,8 @@ from onprem_label.db.models import Annotation, Review, Task
 from onprem_label.imaging.ingest import IngestTarget, ingest_stream
 from onprem_label.workflow.members import add_member
 from onprem_label.workflow.projects import create_project
-from test_workspace_browser import (browser, click_at, drag, latest, near, open_workspace, set_zoom,  # noqa: F401
-                                    task_row, to_screen, wait_shown)
+from test_workspace_browser import (click_at, drag, latest, near, open_workspace, set_zoom, task_row, to_screen,
+                                    wait_shown)
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def save_and_wait(page) -> None:
     page.wait_for_function("() => document.getElementById('workspace').dataset.saveState === 'saved'")
 
 
-def test_frames_tools_undo_and_masks(site, browser):  # noqa: F811
+def test_frames_tools_undo_and_masks(site, browser):
     """Frames by key, wheel and slider; polyline, point, vertex edit, undo/redo, delete; brush and eraser."""
     session = BrowserSession(browser, site["server"])
     session.login("lena")
@@ -132,7 +132,7 @@ def test_frames_tools_undo_and_masks(site, browser):  # noqa: F811
     session.close()
 
 
-def test_window_level_by_right_drag_and_presets(site, browser):  # noqa: F811
+def test_window_level_by_right_drag_and_presets(site, browser):
     """Right-drag changes width and level (shown at once, asked of the server); a preset key sets its window."""
     session = BrowserSession(browser, site["server"])
     session.login("lena")
@@ -155,7 +155,7 @@ def test_window_level_by_right_drag_and_presets(site, browser):  # noqa: F811
     session.close()
 
 
-def test_review_correct_and_accept(site, browser):  # noqa: F811
+def test_review_correct_and_accept(site, browser):
     """A reviewer moves the labeler's point and presses C: a correction revision by the reviewer, accepted."""
     app, project_id = site["app"], site["project_id"]
     lena = BrowserSession(browser, site["server"])
@@ -197,7 +197,7 @@ def rita_id(app) -> int:
         return db.scalar(select(User.id).where(User.username == "rita"))
 
 
-def test_shortcuts_overlay_names_fit_and_focus(site, browser):  # noqa: F811
+def test_shortcuts_overlay_names_fit_and_focus(site, browser):
     """`?` lists every shortcut; every button has a name; 1366 x 768 shows canvas and actions; focus is visible."""
     session = BrowserSession(browser, site["server"])
     session.login("lena")

@@ -7,9 +7,10 @@ from flask_login import current_user
 from sqlalchemy import select
 
 from onprem_label.auth.roles import Permission, landing_endpoint
-from onprem_label.db.models import AuditEvent, Project
+from onprem_label.db.models import AuditEvent
 from onprem_label.web.context import db
 from onprem_label.web.login import require
+from onprem_label.web.pages.projects import render_overview  # the page and its create form
 from onprem_label.workflow.mywork import my_work
 
 bp = Blueprint("home", __name__)
@@ -32,9 +33,8 @@ def work():
 @bp.route("/projects")
 @require(Permission.MANAGE_PROJECTS)
 def manager():
-    """Managers: every project."""
-    projects = db().scalars(select(Project).order_by(Project.name)).all()
-    return render_template("home/manager.html", projects=projects)
+    """Managers: every project with its counts, links to its admin page, and the create form."""
+    return render_overview()
 
 
 @bp.route("/audit-log")

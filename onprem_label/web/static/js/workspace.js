@@ -3,14 +3,15 @@
 // conflict with the choice to load the saved version or keep one's own, and a lost lease is said so.
 
 import { api, ApiError } from "./api.js";
-import { Editor, TOOLS } from "./editor.js";
-import { renderHelp, shortcuts } from "./keys.js";
-import { PRESETS, Viewer } from "./viewer.js";
+import { $, el } from "./dom.js";
+import { Editor } from "./editor.js";
+import { bindInput } from "./input.js";
+import { buildPalette, initPanels, pickClass, readAnswers, setAnswers, setTool, showComments, showShapes } from "./panels.js";
+import { Viewer } from "./viewer.js";
 
 const AUTOSAVE_MS = 4000;
 const HEARTBEAT_MS = 60000;
 
-const $ = (id) => document.getElementById(id);
 const root = $("workspace");
 const mode = root.dataset.mode; // "label" | "review"
 const projectId = Number(root.dataset.projectId);
@@ -25,21 +26,6 @@ const state = {
 const viewer = new Viewer(canvas, { onView: showView, onPaint: painted });
 const editor = new Editor(viewer, { onChange: changed, onSelect: showShapes });
 viewer.setOverlay((ctx, v) => editor.drawOverlay(ctx, v));
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (v !== false && v !== null && v !== undefined) node.setAttribute(k, v === true ? "" : v);
-  }
-  node.append(...children.filter((c) => c !== null && c !== undefined));
-  return node;
-}
-
-function key(text) {
-  return el("span", { class: "key" }, text);
-}
 
 // --- status lines ------------------------------------------------------------------------------------
 
@@ -91,126 +77,6 @@ function painted({ frame, failed }) {
 }
 
 // --- the palette: tools, classes, presets, questions ----------------------------------------------------
-
-function buildPalette() {
-  $("tools").replaceChildren(...TOOLS.map((tool) => el("button", {
-    type: "button", class: "tool", "data-tool": tool.id, "aria-pressed": "false", title: tool.help,
-    onclick: () => setTool(tool.id),
-  }, tool.label, key(tool.key.toUpperCase()))));
-  $("classes").replaceChildren(...state.schema.classes.map((cls) => el("button", {
-    type: "button", class: "cls", "data-class": cls.name, "aria-pressed": "false",
-    title: `tools: ${cls.tools.join(", ")}`, onclick: () => pickClass(cls.name),
-  }, el("span", { class: "swatch", "data-color": cls.color }), cls.name, cls.hotkey ? key(cls.hotkey.toUpperCase()) : null)));
-  for (const swatch of document.querySelectorAll(".swatch")) swatch.style.background = swatch.dataset.color;
-  $("preset-buttons").replaceChildren(...PRESETS.map((p) => el("button", {
-    type: "button", class: "tool", "data-preset": p.name, onclick: () => viewer.setWindow({ preset: p.name }),
-  }, p.label, key(`⇧${p.key}`))), el("button", {
-    type: "button", class: "tool", onclick: () => viewer.setWindow(null),
-  }, "File's window", key("⇧0")));
-  buildQuestions();
-  renderHelp($("help-rows"), shortcuts(mode, state.schema.classes));
-  if (editor.cls) pickClass(editor.cls);
-}
-
-function buildQuestions() {
-  const questions = state.schema.questions || [];
-  $("questions-section").hidden = !questions.length;
-  $("questions").replaceChildren(...questions.map((q, qi) => {
-    const options = q.options.map((option, oi) => {
-      const id = `q${qi}-o${oi}`;
-      return el("label", { class: "inline", for: id },
-        el("input", { id, type: q.type === "single" ? "radio" : "checkbox", name: q.name, value: option,
-                      onchange: changed }), ` ${option}`);
-    });
-    return el("fieldset", {}, el("legend", { class: q.required ? "required" : "" }, q.name), ...options);
-  }));
-}
-
-function readAnswers() {
-  const out = {};
-  for (const q of state.schema.questions || []) {
-    const picked = [...document.querySelectorAll(`#questions input[name="${CSS.escape(q.name)}"]:checked`)].map((i) => i.value);
-    if (q.type === "single") {
-      if (picked.length) out[q.name] = picked[0];
-    } else if (picked.length) {
-      out[q.name] = picked;
-    }
-  }
-  return out;
-}
-
-function setAnswers(answers = {}) {
-  for (const input of document.querySelectorAll("#questions input")) {
-    const value = answers[input.name];
-    input.checked = Array.isArray(value) ? value.includes(input.value) : value === input.value;
-  }
-}
-
-function setTool(tool) {
-  if (tool !== "select" && !editor.allowed(tool)) {
-    const cls = editor.classOf(editor.cls);
-    const fallback = state.schema.classes.find((c) => c.tools.includes(tool === "eraser" ? "mask" : tool));
-    if (!fallback) return showErrors(new Error(`No class of this project allows the ${tool} tool.`));
-    if (cls) pickClass(fallback.name, false);
-  }
-  editor.tool = tool;
-  editor.drawing = null;
-  for (const b of document.querySelectorAll("#tools button")) b.setAttribute("aria-pressed", String(b.dataset.tool === tool));
-  $("brush").hidden = !(tool === "mask" || tool === "eraser");
-  editor.redraw();
-}
-
-function pickClass(name, relabel = true) {
-  if (relabel && editor.selectedId && editor.relabelSelected(name)) return;
-  editor.cls = name;
-  for (const b of document.querySelectorAll("#classes button")) b.setAttribute("aria-pressed", String(b.dataset.class === name));
-  for (const b of document.querySelectorAll("#tools button")) b.disabled = !editor.allowed(b.dataset.tool, name);
-  if (editor.tool !== "select" && !editor.allowed(editor.tool, name)) {
-    const first = editor.classOf(name).tools[0];
-    setTool(first);
-  }
-}
-
-// --- the side panel: shapes, comments --------------------------------------------------------------------
-
-function showShapes() {
-  const list = $("shape-list");
-  list.replaceChildren(...editor.shapes.map((s, i) => {
-    const cls = editor.classOf(s.label) || { color: "#888" };
-    const pin = editor.pins.find((p) => p.shapeId === s.id);
-    const swatch = el("span", { class: "swatch", "data-color": cls.color });
-    swatch.style.background = cls.color;
-    return el("li", { "aria-selected": String(s.id === editor.selectedId), "data-shape-id": s.id },
-      swatch,
-      el("button", { type: "button", class: "label-text", onclick: () => editor.select(s.id) },
-        `${i + 1}. ${s.label} ${s.type}${viewer.frames > 1 ? ` · frame ${s.frame + 1}` : ""}${pin ? ` · comment ${pin.number}` : ""}`),
-      el("button", { type: "button", class: "secondary", "aria-label": `Delete shape ${i + 1}`, disabled: editor.readOnly,
-                     onclick: () => { editor.select(s.id); editor.deleteSelected(); } }, "✕"));
-  }));
-}
-
-function showComments(reviews) {
-  const rejections = reviews.filter((r) => r.decision === "reject" && r.comment);
-  editor.pins = [];
-  let number = 0;
-  const items = rejections.slice().reverse().map((r) => {
-    let pinText = null;
-    if (r.shape_id) {
-      number += 1;
-      editor.pins.push({ shapeId: r.shape_id, number });
-      pinText = el("span", { class: "pin" }, `[${number}] `);
-    }
-    const who = r.reviewer_name || "reviewer";
-    const li = el("li", {}, el("div", { class: "task-facts" }, `Round ${r.round + 1} · ${who}`),
-      el("blockquote", { class: "comment" }, pinText, r.comment));
-    if (r.shape_id) {
-      li.querySelector("blockquote").addEventListener("click", () => editor.select(r.shape_id));
-    }
-    return li;
-  });
-  $("comments").replaceChildren(...items);
-  $("comments-section").hidden = !items.length;
-}
 
 // --- tasks -------------------------------------------------------------------------------------------
 
@@ -484,150 +350,6 @@ function stopTimers() {
 
 // --- pointer and keyboard ------------------------------------------------------------------------------
 
-const input = { space: false, wKey: false, gesture: null };
-
-function screenPoint(e) {
-  const rect = canvas.getBoundingClientRect();
-  return [e.clientX - rect.left, e.clientY - rect.top];
-}
-
-canvas.addEventListener("contextmenu", (e) => e.preventDefault());
-canvas.addEventListener("pointerdown", (e) => {
-  if (!state.item) return;
-  canvas.focus();
-  canvas.setPointerCapture(e.pointerId);
-  const [sx, sy] = screenPoint(e);
-  if (e.button === 1 || (e.button === 0 && input.space)) {
-    input.gesture = { kind: "pan", sx, sy };
-  } else if (e.button === 2 || (e.button === 0 && input.wKey)) {
-    if (viewer.grey) input.gesture = { kind: "wl", sx, sy, start: viewer.windowNumbers() };
-  } else if (e.button === 0) {
-    input.gesture = { kind: "edit" };
-    editor.pointerDown(...viewer.toImage(sx, sy));
-  }
-  e.preventDefault();
-});
-canvas.addEventListener("pointermove", (e) => {
-  if (!state.item) return;
-  const [sx, sy] = screenPoint(e);
-  const [ix, iy] = viewer.toImage(sx, sy);
-  $("cursor").value = ix >= 0 && iy >= 0 && ix <= viewer.width && iy <= viewer.height ? `${Math.floor(ix)}, ${Math.floor(iy)}` : "–";
-  const g = input.gesture;
-  if (g && g.kind === "pan") {
-    viewer.panBy(sx - g.sx, sy - g.sy);
-    g.sx = sx;
-    g.sy = sy;
-  } else if (g && g.kind === "wl") {
-    const width = Math.max(1, g.start.width * Math.exp((sx - g.sx) / 200));
-    const center = g.start.center - ((sy - g.sy) * g.start.width) / 400;
-    viewer.setWindow({ center, width }, { immediate: false });
-  } else {
-    editor.pointerMove(ix, iy);
-  }
-});
-canvas.addEventListener("pointerup", (e) => {
-  const g = input.gesture;
-  input.gesture = null;
-  if (!state.item) return;
-  if (g && g.kind === "wl") viewer.setWindow(viewer.window);
-  else if (g && g.kind === "edit") editor.pointerUp(...viewer.toImage(...screenPoint(e)));
-});
-canvas.addEventListener("dblclick", () => editor.doubleClick());
-canvas.addEventListener("wheel", (e) => {
-  if (!state.item) return;
-  e.preventDefault();
-  if (e.ctrlKey || e.shiftKey || e.altKey || e.metaKey) {
-    viewer.setFrame(viewer.frame + (e.deltaY > 0 ? 1 : -1));
-  } else {
-    viewer.zoomBy(e.deltaY < 0 ? 1 : -1, ...screenPoint(e));
-  }
-}, { passive: false });
-
-function typing(e) {
-  const t = e.target;
-  return t instanceof HTMLElement && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName)) &&
-    !(t.type === "radio" || t.type === "checkbox" || t.type === "range");
-}
-
-document.addEventListener("keyup", (e) => {
-  if (e.code === "Space") input.space = false;
-  if (e.key === "w" || e.key === "W") input.wKey = false;
-});
-
-document.addEventListener("keydown", (e) => {
-  if (document.querySelector("dialog[open]") || typing(e)) return;
-  const k = e.key, ctrl = e.ctrlKey || e.metaKey;
-  const digit = /^Digit(\d)$/.exec(e.code);
-  let handled = true;
-  if (k === "?") {
-    $("help").showModal();
-  } else if (e.code === "Space") {
-    input.space = true;
-  } else if (e.shiftKey && !ctrl && digit) {
-    const preset = PRESETS.find((p) => p.key === digit[1]);
-    if (digit[1] === "0") viewer.setWindow(null);
-    else if (preset && viewer.grey) viewer.setWindow({ preset: preset.name });
-  } else if (ctrl && k === "Enter" && mode === "label") {
-    submit();
-  } else if (ctrl && (k === "z" || k === "Z")) {
-    if (e.shiftKey) editor.redo(); else editor.undo();
-  } else if (ctrl && (k === "y" || k === "Y")) {
-    editor.redo();
-  } else if (ctrl && (k === "s" || k === "S")) {
-    save();
-  } else if (ctrl || e.altKey) {
-    handled = false;
-  } else if (k === "Enter") {
-    editor.finishDrawing();
-  } else if (k === "Escape") {
-    editor.cancelDrawing();
-  } else if (k === "Delete" || k === "Backspace") {
-    if (!editor.removeLastVertex()) editor.deleteSelected();
-  } else if (k === "ArrowRight" || k === "ArrowDown" || k === "n") {
-    viewer.setFrame(viewer.frame + 1);
-  } else if (k === "ArrowLeft" || k === "ArrowUp" || k === "p") {
-    viewer.setFrame(viewer.frame - 1);
-  } else if (k === "+" || k === "=") {
-    viewer.zoomBy(1);
-  } else if (k === "-") {
-    viewer.zoomBy(-1);
-  } else if (k === "F") {
-    viewer.oneToOne();
-  } else if (k === "f") {
-    viewer.fit();
-    viewer.draw();
-    showView();
-  } else if (k === "h") {
-    editor.hidden = !editor.hidden;
-    $("toggle-shapes").setAttribute("aria-pressed", String(editor.hidden));
-    editor.redraw();
-  } else if (k === "w") {
-    input.wKey = true;
-  } else if (k === "[" || k === "]") {
-    editor.brush = Math.max(1, Math.min(200, editor.brush + (k === "]" ? 2 : -2)));
-    $("brush-size").value = String(editor.brush);
-  } else if (k === "z") {
-    editor.undo();
-  } else if (k === "y") {
-    editor.redo();
-  } else if (k === "s" && mode === "label") {
-    save();
-  } else if (mode === "review" && k === "a") {
-    decide("accept");
-  } else if (mode === "review" && k === "r") {
-    openReject();
-  } else if (mode === "review" && k === "c") {
-    decide("correct");
-  } else if (TOOLS.some((t) => t.key === k)) {
-    setTool(TOOLS.find((t) => t.key === k).id);
-  } else if (state.schema.classes.some((c) => c.hotkey === k.toLowerCase())) {
-    pickClass(state.schema.classes.find((c) => c.hotkey === k.toLowerCase()).name);
-  } else {
-    handled = false;
-  }
-  if (handled) e.preventDefault();
-});
-
 // --- buttons -------------------------------------------------------------------------------------------
 
 function bindButtons() {
@@ -674,6 +396,8 @@ function bindButtons() {
 }
 
 async function start() {
+  initPanels({ editor, viewer, state, mode, changed, showErrors });
+  bindInput({ canvas, viewer, editor, state, mode, submit, save, decide, openReject, setTool, pickClass, showView });
   bindButtons();
   try {
     const project = await api("GET", `/projects/${projectId}`);
