@@ -56,10 +56,10 @@ def test_rich_schema_is_normalised():
 
 def test_questions_default_to_none_and_input_is_not_touched():
     """Without questions the schema gets an empty list; the caller's dict is left as it was."""
-    raw = {"classes": [{"name": "a1", "color": "#aaaaaa", "hotkey": "B", "tools": ["bbox"]}]}
+    raw = {"classes": [{"name": "a1", "color": "#aaaaaa", "hotkey": "K", "tools": ["bbox"]}]}
     before = copy.deepcopy(raw)
     result = validate_schema(raw)
-    assert result["questions"] == [] and result["classes"][0]["hotkey"] == "b"
+    assert result["questions"] == [] and result["classes"][0]["hotkey"] == "k"
     result["classes"][0]["tools"].append("mask")
     assert raw == before
 

@@ -198,6 +198,8 @@ def test_label_review_rework_accept_in_the_browser(site, browser):
     review.keyboard.press("v")
     click_at(review, 50, 60)  # select the box: the comment is pinned to it
     review.keyboard.press("r")
+    review.click("#reject-form button[type=submit]")  # no comment yet: refused in place
+    assert review.is_visible("#reject-dialog") and task_row(app, int(first)).state == "reviewing"
     review.fill("#reject-comment", "The box is too wide; take it down to the lesion.")
     review.click("#reject-form button[type=submit]")
     wait_shown(review, first)

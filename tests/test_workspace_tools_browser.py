@@ -132,6 +132,25 @@ def test_frames_tools_undo_and_masks(site, browser):
     session.close()
 
 
+def test_box_resize_by_handle_and_autosave(site, browser):
+    """Dragging a box's corner resizes it; with no key pressed the draft reaches the server by itself."""
+    session = BrowserSession(browser, site["server"])
+    session.login("lena")
+    page = open_workspace(session, site["project_id"])
+    task_id = int(wait_shown(page))
+    set_zoom(page, 2)
+    drag(page, (20, 20), (60, 50))  # the box tool is the first one the class allows
+    page.keyboard.press("v")
+    click_at(page, 40, 35)
+    drag(page, (60, 50), (80, 70))  # its lower right handle
+    page.wait_for_function("() => document.getElementById('workspace').dataset.saveState === 'saved'"
+                           " && document.getElementById('save-state').textContent.startsWith('Saved')", timeout=15000)
+    [box] = latest(site["app"], task_id).shapes
+    assert near(box["x"], 20) and near(box["y"], 20) and near(box["width"], 60) and near(box["height"], 50), box
+    assert session.console_errors == []
+    session.close()
+
+
 def test_window_level_by_right_drag_and_presets(site, browser):
     """Right-drag changes width and level (shown at once, asked of the server); a preset key sets its window."""
     session = BrowserSession(browser, site["server"])
