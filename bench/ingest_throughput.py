@@ -20,9 +20,10 @@ from getrusage(RUSAGE_CHILDREN), to tell whether the cores or the disk set the p
 With --parts N (default 100; 0 skips it), N files are then also ingested in this process, one
 step at a time, each step timed alone with the production functions: what a worker does
 (digest, prepare_file, pickling the result) and what the one parent process does for every file
-(unpickling, find_duplicate, store_prepared; store.put alone on other bytes), next to a plain
-write + fsync of the same bytes and of their folder. The parent's steps run one file at a time
-whatever the worker count, so 1000 / (their ms) is a ceiling on files/s.
+(unpickling; store_batch of 64 files at a time, per file, as the CLI's storer thread does; store.put
+alone on other bytes), next to a plain write + fsync of the same bytes and of their folder. The
+parent's steps run one batch at a time whatever the worker count, so 1000 / (their ms) is a
+ceiling on files/s.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 GOAL_FILES_PER_S = 100.0
+BATCH = 64  # files stored per transaction, as the CLI's StoreBehind does (imaging/batch.py)
 SIDE = 512
 SUMMARY_RE = re.compile(r"ingest: (\d+) imported, (\d+) duplicates, (\d+) rejected "
                         r"\((\d+) files in ([\d.]+) s, ([\d.]+) files/s\)")
@@ -195,7 +197,7 @@ def parts(tree: Path, base: Path, count: int) -> dict[str, list[float]]:
     from onprem_label.clock import utcnow
     from onprem_label.config import load_settings
     from onprem_label.db import make_engine, make_sessionmaker
-    from onprem_label.imaging.ingest import IngestTarget, find_duplicate, store_prepared
+    from onprem_label.imaging.ingest import IngestTarget, store_batch
     from onprem_label.imaging.prepare import prepare_file, prepare_options, source_digest
     from onprem_label.storage import open_keyring, open_store
     from onprem_label.workflow.projects import find_project
@@ -218,20 +220,26 @@ def parts(tree: Path, base: Path, count: int) -> dict[str, list[float]]:
         with make_sessionmaker(engine)() as db:
             target = IngestTarget(find_project(db, "Parts").id, "cli", actor_name="console:bench")
             db.rollback()
-            for path in sorted(tree.rglob("*.dcm"))[:count]:
+            group: list = []
+            paths = sorted(tree.rglob("*.dcm"))[:count]
+            for path in paths:
                 stream = io.BytesIO(path.read_bytes())
                 digest = timed_step("W source_digest", source_digest, stream, options.digest_key,
                                     options.max_bytes)
                 prepared = timed_step("W prepare_file", prepare_file, stream, options, digest=digest)
                 sent = timed_step("W pickle.dumps", pickle.dumps, prepared)
-                prepared = timed_step("P pickle.loads", pickle.loads, sent)
-                if timed_step("P find_duplicate", find_duplicate, db, target.project_id, digest) is not None:
-                    raise RuntimeError(f"{path} is a duplicate")
-                timed_step("P store_prepared", store_prepared, db, store, target, prepared, str(path),
-                           now=utcnow())
+                group.append((str(path), timed_step("P pickle.loads", pickle.loads, sent)))
                 other = os.urandom(16) + prepared.images[0].data  # new content: a real write
                 timed_step("P (store.put alone)", store.put, io.BytesIO(other))
                 timed_step("P (plain write+fsync+dir fsync)", plain_durable_write, base / "plain", other)
+                if len(group) == BATCH or path == paths[-1]:
+                    t0 = time.perf_counter()
+                    results = store_batch(db, store, target, group, now=utcnow())
+                    per_file = (time.perf_counter() - t0) / len(group)
+                    if any(r.status != "imported" for r in results):
+                        raise RuntimeError(f"not all imported: {results[:3]}")
+                    times.setdefault(f"P store_batch (per file, {BATCH} a batch)", []).extend([per_file] * len(group))
+                    group = []
     finally:
         engine.dispose()
         shutil.rmtree(base)

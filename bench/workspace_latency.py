@@ -124,6 +124,8 @@ def frame_round(context, url: str, project_id: int, frames: int) -> tuple[list[f
                                    arg=frame)
             if pace:
                 time.sleep(pace)
+        # The last paint is recorded one animation frame after the canvas was drawn.
+        page.wait_for_function("f => window.__bench.paints.some(p => p[0] === f)", arg=frames - 1)
         presses, paints = page.evaluate("() => [window.__bench.presses, window.__bench.paints]")
         painted_at = {}
         for frame, at in paints:

@@ -108,7 +108,7 @@ def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, w
     """Import images (files, folders, zip archives) into PROJECT (its id or name)."""
     from onprem_label.cli import CliError, ask_passphrase, open_database
     from onprem_label.imaging.batch import StoreBehind, run_batch
-    from onprem_label.imaging.ingest import IngestTarget, store_batch
+    from onprem_label.imaging.ingest import BatchInterrupted, IngestTarget, store_batch
     from onprem_label.imaging.prepare import link_key, prepare_options
     from onprem_label.imaging.sources import ZipLimits, iter_sources
     from onprem_label.storage import open_keyring, open_store
@@ -141,8 +141,15 @@ def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, w
                                                     show_pos=True))
 
         def store_group(group) -> None:
-            results = store_batch(db, store, target, [(source.name, outcome) for source, outcome in group],
-                                  now=utcnow())
+            try:
+                results = store_batch(db, store, target, [(source.name, outcome) for source, outcome in group],
+                                      now=utcnow())
+            except BatchInterrupted as stopped:  # report what was stored before the error, then stop
+                report_results(stopped.results)
+                raise stopped.__cause__ from None
+            report_results(results)
+
+        def report_results(results) -> None:
             for result in results:
                 counts[result.status] += 1
                 if report is not None:
@@ -153,10 +160,10 @@ def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, w
         storer = StoreBehind(store_group)
         try:
             run_batch(sources, options, workers, storer, known=_known_files(stack, make_session, project_id, options))
+            storer.close()
         except BaseException:
-            storer.abort()
+            storer.abort()  # the session is closed below: its thread must be done with it first
             raise
-        storer.close()
     seconds = time.monotonic() - started
     total = sum(counts.values())
     click.echo(f"ingest: {counts['imported']} imported, {counts['duplicate']} duplicates, "
@@ -180,9 +187,9 @@ def _known_files(stack: ExitStack, make_session, project_id: int, options):
     from onprem_label.imaging.sources import open_source
 
     db = stack.enter_context(make_session())
-    with read_only(db):
-        had_images = db.scalar(select(ItemImage.id).where(ItemImage.project_id == project_id).limit(1))
-        db.rollback()
+    read_only(db)
+    had_images = db.scalar(select(ItemImage.id).where(ItemImage.project_id == project_id).limit(1))
+    db.rollback()
     if had_images is None:
         return None
 
@@ -194,9 +201,9 @@ def _known_files(stack: ExitStack, make_session, project_id: int, options):
                 digest = source_digest(stream, options.digest_key, options.max_bytes)
         except (Rejected, OSError):
             return None  # the worker reads it again and says what is wrong
-        with read_only(db):
-            item_id = find_duplicate(db, project_id, digest)
-            db.rollback()
+        read_only(db)
+        item_id = find_duplicate(db, project_id, digest)
+        db.rollback()
         return KnownFile(digest, item_id) if item_id is not None else None
 
     return known

@@ -163,3 +163,49 @@ def test_store_behind_passes_the_storers_error_to_the_caller():
             storer(Source(str(n), str(n)), Rejected("corrupt", "x"))
         storer.close()
     storer.abort()
+
+
+def test_abort_drops_the_groups_still_waiting():
+    """After abort() only the group already being stored finishes; the one queued behind it is dropped."""
+    import threading
+
+    started, release, stored = threading.Event(), threading.Event(), []
+
+    def slow(group):
+        started.set()
+        release.wait(10)
+        stored.append(group)
+
+    storer = StoreBehind(slow, max_files=1, max_seconds=60)
+    storer(Source("a", "a"), Rejected("corrupt", "a"))  # being stored
+    started.wait(10)
+    storer(Source("b", "b"), Rejected("corrupt", "b"))  # queued
+    threading.Timer(0.2, release.set).start()
+    storer.abort()
+    assert [[s.name for s, _ in g] for g in stored] == [["a"]]
+
+
+def test_a_failure_while_storing_one_by_one_keeps_the_results_before_it(app, db, clock, monkeypatch):
+    """BatchInterrupted carries the results of the files committed before the unexpected error."""
+    project_id = new_project(db)
+    files = [(f"{n}.dcm", prepared(app, make_dicom(seed=40 + n))) for n in range(3)]
+    real_known, real_store = ingest._known, ingest._store_all
+    calls = []
+
+    def blind(*args):
+        return {} if len(calls) == 0 else real_known(*args)
+
+    def flaky(db_, store_, target_, files_, now_, put_):
+        calls.append(len(files_))
+        if len(calls) == 1:  # the batch: make the unique index fire
+            raise ingest.IntegrityError("insert", {}, Exception("unique"))
+        if len(calls) == 3:  # the second file alone: something unexpected
+            raise RuntimeError("disk full")
+        return real_store(db_, store_, target_, files_, now_, put_)
+
+    monkeypatch.setattr(ingest, "_known", blind)
+    monkeypatch.setattr(ingest, "_store_all", flaky)
+    with pytest.raises(ingest.BatchInterrupted) as caught:
+        store(app, db, project_id, files, clock)
+    assert [(r.name, r.status) for r in caught.value.results] == [("0.dcm", "imported")]
+    assert isinstance(caught.value.__cause__, RuntimeError)

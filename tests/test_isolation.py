@@ -103,3 +103,20 @@ def test_decode_deadline_does_nothing_outside_a_worker():
 
     with decode_deadline(1):
         assert signal.alarm(0) == 0  # no alarm was pending
+
+
+def test_two_killers_in_one_batch_never_blame_the_files_between_them(tmp_path):
+    """Each retry runs in a pool of its own: a file retried beside another killer is not rejected for it."""
+    sources = []
+    for n, kind in enumerate(["KILL", "good", "KILL", "good", "good", "KILL", "good"]):
+        path = tmp_path / f"{n}.dcm"
+        path.write_bytes((b"KILL" if kind == "KILL" else b"") + make_dicom(seed=200 + n))
+        sources.append((kind, Source(str(path), str(path))))
+    outcomes = {}
+    run_batch([s for _, s in sources], OPTIONS, 2, lambda source, outcome: outcomes.__setitem__(source.name, outcome),
+              prepare=prepare_or_die)
+    for kind, source in sources:
+        if kind == "KILL":
+            assert isinstance(outcomes[source.name], Rejected) and outcomes[source.name].reason == CRASHED
+        else:
+            assert isinstance(outcomes[source.name], Prepared), (source.name, outcomes[source.name])

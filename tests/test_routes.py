@@ -58,7 +58,7 @@ MATRIX = {
     ("auth.totp_enrol", "GET"): same_for_roles(LOGIN, 200),
     ("auth.totp_enrol", "POST"): same_for_roles(LOGIN, 422),  # wrong code
     ("home.index", "GET"): {**LANDING, ANON: LOGIN},
-    ("home.work", "GET"): row(LOGIN, 403, 403, 200, 200, 403),
+    ("home.work", "GET"): same_for_roles(LOGIN, 200),
     ("home.manager", "GET"): row(LOGIN, 200, 200, 403, 403, 403),
     ("home.auditor", "GET"): row(LOGIN, 403, 403, 403, 403, 200),
     ("home.no_role", "GET"): same_for_roles(LOGIN, 200),
@@ -99,9 +99,10 @@ MATRIX = {
     ("projects.create", "POST"): row(LOGIN, 422, 422, 403, 403, 403),
     ("projects.admin", "GET"): row(LOGIN, 200, 200, 404, 404, 404),
     ("api.task_revisions", "GET"): row(401, 200, 200, 404, 404, 404),
-    # The workspaces need the project role; the matrix's people are not members (404), other roles 403.
-    ("work.label", "GET"): row(LOGIN, 403, 403, 404, 404, 403),
-    ("work.review", "GET"): row(LOGIN, 403, 403, 403, 404, 403),
+    # The workspaces need the project role: admins and managers are managers everywhere (403),
+    # the matrix's other people are not members (404).
+    ("work.label", "GET"): row(LOGIN, 403, 403, 404, 404, 404),
+    ("work.review", "GET"): row(LOGIN, 403, 403, 404, 404, 404),
 }
 
 # What each state-changing request sends (besides a valid CSRF token).

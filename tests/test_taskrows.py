@@ -103,3 +103,58 @@ def test_one_caller_asking_twice_at_once_gets_one_task(app, db, task_id, backend
     assert got["at_commit_of_first"] and got["lease"].task.id == first.task.id
     first_db.close()
     second_db.close()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("backend", ["postgresql"])  # row locks are PostgreSQL's
+def test_a_held_task_whose_row_is_busy_is_waited_for_not_skipped(app, db, task_id, backend, clock):
+    """While the holder's own save holds the row, asking for work again returns that task, not a second."""
+    import threading
+
+    from sqlalchemy import text as sql
+
+    from onprem_label.auth import accounts
+    from onprem_label.workflow.leases import lease_next_task
+    from onprem_label.workflow.members import add_member
+
+    svc = app.extensions["onprem_label"]
+    project_id = taskrows.load_task(db.connection(), task_id).project_id
+    db.rollback()
+    ingest_items(app, db, project_id, 1, clock)
+    labeler = accounts.create_user(db, "holder", "a passphrase long enough", ["labeler"],
+                                   must_change_password=False, now=clock())
+    add_member(db, db.get(Project, project_id), "holder", "labeler", actor=None, now=clock())
+    db.commit()
+    project = taskrows.load_project(db.connection(), project_id)
+    first = lease_next_task(db, project, labeler, review=False, now=clock())
+    db.commit()
+    saving = svc.engine.connect()  # a save of that task, in flight: it holds the row
+    saving.execute(sql("SELECT id FROM tasks WHERE id = :t FOR UPDATE"), {"t": first.task.id})
+    got = {}
+
+    def ask_again():
+        with svc.sessionmaker() as other:
+            got["lease"] = lease_next_task(other, project, labeler, review=False, now=clock())
+            other.commit()
+
+    thread = threading.Thread(target=ask_again)
+    thread.start()
+    thread.join(timeout=1.0)
+    assert thread.is_alive()  # it waits for the save instead of passing over the task
+    saving.rollback()
+    saving.close()
+    thread.join(timeout=10)
+    assert got["lease"].task.id == first.task.id
+
+
+def test_a_stale_write_reports_the_rows_real_state_and_version(app, db, task_id):
+    """The 409 of a lost race names what the row holds now, so a client can rebase on it."""
+    task = taskrows.load_task(db.connection(), task_id)
+    db.rollback()
+    db.execute(update(Task).where(Task.id == task_id).values(version=7, state="labeling"))
+    db.commit()
+    task.state, task.version = "submitted", 2
+    with pytest.raises(StaleVersion) as caught:
+        taskrows.write_task(db.connection(), task, 1)
+    db.rollback()
+    assert caught.value.extra == {"state": "labeling", "version": 7}

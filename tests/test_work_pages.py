@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import func, select
 
 from imaging_helpers import bearer_for
-from onprem_label.db.models import AuditEvent
+from onprem_label.db.models import AuditEvent, Project
+from onprem_label.workflow.members import add_member
 from workflow_helpers import BOX, SCHEMA, ingest_items, label_and_submit, lease, team
 
 
@@ -114,3 +115,14 @@ def test_reviews_carry_the_reviewers_name(client, project):
     reject_first(client, project_id, people, "again")
     got = lease(client, project_id, people["labeler1"])
     assert got["kind"] == "rework" and got["reviews"][-1]["reviewer_name"] == "Reviewer1"
+
+
+def test_a_labeler_made_reviewer_in_one_project_opens_its_review_workspace(client, auth, db, project):
+    """The project role is what counts: a global labeler who reviews in this project gets the page."""
+    project_id, _people = project
+    record = db.get(Project, project_id)
+    add_member(db, record, "labeler1", "reviewer", actor=None, now=record.created_at)
+    db.commit()
+    auth.login("labeler1")
+    assert client.get(f"/projects/{project_id}/review").status_code == 200
+    assert f'href="/projects/{project_id}/review"' in client.get("/work").get_data(as_text=True)

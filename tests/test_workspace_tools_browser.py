@@ -245,3 +245,43 @@ def test_shortcuts_overlay_names_fit_and_focus(site, browser):
     assert outline.split()[0] != "none" and outline.split()[1] != "0px"
     assert session.console_errors == []
     session.close()
+
+
+def test_a_held_key_decides_only_the_task_on_screen(site, browser):
+    """Holding A accepts the task shown, never the next one unseen; C with no change is refused."""
+    app, project_id = site["app"], site["project_id"]
+    svc = app.extensions["onprem_label"]
+    with svc.sessionmaker() as db:  # a second item, so that a repeat would have something to accept
+        result = ingest_stream(db, svc.store, IngestTarget(project_id, "cli", actor_name="test"), svc.ingest_options,
+                               io.BytesIO(make_dicom(rows=HEIGHT, columns=WIDTH, seed=6)), "b.dcm",
+                               now=datetime.now(timezone.utc))
+        assert result.status == "imported"
+    lena = BrowserSession(browser, site["server"])
+    lena.login("lena")
+    page = open_workspace(lena, project_id)
+    for _ in range(2):
+        shown = wait_shown(page)
+        set_zoom(page, 2)
+        page.keyboard.press("2")
+        page.keyboard.press("t")
+        click_at(page, 30, 30)
+        page.check("#questions input[value=good]")
+        page.click("#submit")
+        wait_shown(page, shown)
+    rita = BrowserSession(browser, site["server"])
+    rita.login("rita")
+    review = open_workspace(rita, project_id, "review")
+    first = int(wait_shown(review))
+    review.keyboard.press("c")  # nothing changed: refused, nothing sent
+    assert "Nothing was changed" in review.inner_text("#errors")
+    assert task_row(app, first).state == "reviewing"
+    review.keyboard.down("a")
+    review.keyboard.down("a")  # the key held: a repeat
+    review.keyboard.down("a")
+    review.keyboard.up("a")
+    second = int(wait_shown(review, str(first)))
+    review.wait_for_timeout(500)  # time for any wrongly sent decision to land
+    assert task_row(app, first).state == "accepted"
+    assert task_row(app, second).state == "reviewing"  # shown, not decided
+    lena.close()
+    rita.close()

@@ -8,7 +8,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 15000
@@ -53,10 +53,12 @@ class WriterLockedConnection(sqlite3.Connection):
             self.writer_lock.release()
 
     def commit(self) -> None:
-        try:
-            super().commit()
-        finally:
-            self.release_writer()
+        super().commit()
+        self.release_writer()  # not when COMMIT failed: the transaction is still open until rollback
+
+    def __del__(self) -> None:
+        # A connection dropped without close() (its pool collected) must not keep the lock.
+        self.release_writer()
 
     def rollback(self) -> None:
         try:
@@ -77,7 +79,7 @@ def make_engine(url: str, **kwargs) -> Engine:
         # psycopg 3 is the only PostgreSQL driver we ship with.
         url = "postgresql+psycopg:" + url[len("postgresql:"):]
     if url.startswith("sqlite"):
-        database = url.split("///", 1)[1] if "///" in url else ""
+        database = make_url(url).database or ""
         factory = type("WriterLocked", (WriterLockedConnection,), {"writer_lock": _writer_lock(database)})
         kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "factory": factory}
     engine = create_engine(url, **kwargs)

@@ -53,7 +53,7 @@ def run_batch(sources: Iterable[Source], options: PrepareOptions, workers: int,
             outcome = future.result()
         except BrokenProcessPool:
             pool.renew(used)
-            outcome = _alone(pool, prepare, source, options)
+            outcome = _alone(prepare, source, options)
         handle(source, outcome)
 
     try:
@@ -77,14 +77,17 @@ def _done(outcome: Any) -> Future:
     return future
 
 
-def _alone(pool: WorkerPool, prepare, source: Source, options: PrepareOptions) -> Prepared | Rejected:
-    """A second try for a file whose worker died, with nothing else in the fresh pool."""
-    future, used = pool.submit(prepare, source, options)
+def _alone(prepare, source: Source, options: PrepareOptions) -> Prepared | Rejected:
+    """A second try for a file whose worker died, in a one-worker pool of its own: if it dies again,
+    this file is the one that kills workers (another file's crash cannot be blamed on it)."""
+    own = WorkerPool(1)
     try:
+        future, _ = own.submit(prepare, source, options)
         return future.result()
     except BrokenProcessPool:
-        pool.renew(used)
         return Rejected(errors.CORRUPT, CRASHED)
+    finally:
+        own.close()
 
 
 class StoreBehind:
@@ -103,6 +106,7 @@ class StoreBehind:
         self._bytes, self._since = 0, 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ingest-store", daemon=True)
         self._thread.start()
 
@@ -129,15 +133,14 @@ class StoreBehind:
     def abort(self) -> None:
         """Drop what is not stored yet; wait for the group being stored (its transaction) to end."""
         self._group = []
-        if self._thread.is_alive():
-            while True:
-                try:
-                    self._queue.put(None, timeout=0.5)
-                    break
-                except queue.Full:
-                    if not self._thread.is_alive():
-                        break
-            self._thread.join()
+        self._stopping = True  # a group still queued is not stored (see _run)
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
 
     def _hand_over(self) -> None:
         if self._group:
@@ -152,7 +155,7 @@ class StoreBehind:
 
     def _run(self) -> None:
         while (group := self._queue.get()) is not None:
-            if self._error is None:
+            if self._error is None and not self._stopping:
                 try:
                     self._store(group)
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
+from onprem_label.db.engine import read_only
 from onprem_label.db.models import Annotation, Blob, DeidLink, Item, ItemImage, Project, Task, User
 from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.prepare import (Prepared, PrepareOptions, PreparedImage, prepare_or_reject,
@@ -83,7 +84,9 @@ def ingest_stream(db: Session, store: EncryptedBlobStore, target: IngestTarget, 
     """
     try:
         digest = source_digest(stream, options.digest_key, options.max_bytes)
+        read_only(db)  # a read: no write lock may be held while the file decodes (minutes, maybe)
         duplicate = find_duplicate(db, target.project_id, digest)
+        db.rollback()
         if duplicate is not None:  # known bytes: no need to decode them again
             return record_duplicate(db, target, name, duplicate, now=now)
         if prepare is None:
@@ -123,22 +126,59 @@ def store_batch(db: Session, store: EncryptedBlobStore, target: IngestTarget,
     One transaction for many files is what makes bulk ingest fast: one commit (one fsync of
     the database log) and a few multi-row statements instead of a dozen each. Blobs are written
     first: a crash in between leaves at worst blobs without rows, which `doctor --storage`
-    reports, never a row without its blob. If another writer stored one of the files meanwhile
-    (a unique index says so), the batch is rolled back and each file is stored alone.
+    reports, never a row without its blob. The blobs are encrypted and synced before the write
+    transaction begins (on SQLite no other writer waits for the disk), and the files are sorted out
+    again inside it. If another writer stored one of the files meanwhile (a unique index says so),
+    the batch is rolled back and each file is stored alone; should one of those fail, the results of
+    the files stored before it come with the error (BatchInterrupted).
     """
     try:
-        slots = _store_all(db, store, target, files, now)
+        refs = _put_fresh(db, store, target.project_id, files)
+        slots = _store_all(db, store, target, files, now, refs)
         db.commit()
     except IntegrityError:
         db.rollback()
         if len(files) > 1:
-            return [result for one in files for result in store_batch(db, store, target, [one], now=now)]
+            return _one_by_one(db, store, target, files, now)
         name, prepared = files[0]
         dup = _existing_item(db, target.project_id, prepared)
         if dup is None:
             raise
         return [record_duplicate(db, target, name, dup, now=now)]
     return [slot.result() for slot in slots]
+
+
+class BatchInterrupted(Exception):
+    """Storing files one by one stopped at an unexpected error; `results` are the files stored before it."""
+
+    def __init__(self, results: list[IngestResult]):
+        super().__init__(f"ingest stopped after {len(results)} files of the batch")
+        self.results = results
+
+
+def _one_by_one(db: Session, store: EncryptedBlobStore, target: IngestTarget, files: list, now: datetime):
+    results: list[IngestResult] = []
+    for one in files:
+        try:
+            results.extend(store_batch(db, store, target, [one], now=now))
+        except BatchInterrupted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the results already committed
+            raise BatchInterrupted(results) from exc
+    return results
+
+
+def _put_fresh(db: Session, store: EncryptedBlobStore, project_id: int, files: list) -> dict[int, list[BlobRef]]:
+    """Put the images of the files that look new (a read transaction); {id(prepared): its refs}.
+
+    A file that turns out to be a duplicate after all (another writer was quicker) leaves its blob
+    without a row only when its bytes differ from the stored copy's; `doctor --storage` finds those.
+    """
+    read_only(db)
+    fresh = [slot.outcome for slot in _sorted_out(db, project_id, files) if slot.status == IMPORTED]
+    db.rollback()
+    refs = iter(_put_all(store, [image.data for prepared in fresh for image in prepared.images]))
+    return {id(prepared): [next(refs) for _ in prepared.images] for prepared in fresh}
 
 
 @dataclass
@@ -176,13 +216,15 @@ def _duplicate(name: str, item_id: int | None) -> IngestResult:
 
 
 def _store_all(db: Session, store: EncryptedBlobStore, target: IngestTarget,
-               files: list[tuple[str, Prepared | Rejected | KnownFile]], now: datetime) -> list[_Slot]:
+               files: list[tuple[str, Prepared | Rejected | KnownFile]], now: datetime,
+               put: dict[int, list[BlobRef]]) -> list[_Slot]:
     project = db.get(Project, target.project_id, with_for_update=True)  # serialises stack assembly
     if project is None:
         raise LookupError(f"project {target.project_id} does not exist")
-    slots = _sorted_out(db, project.id, files)
+    slots = _sorted_out(db, project.id, files)  # again: another writer may have stored some meanwhile
     fresh = [slot for slot in slots if slot.status == IMPORTED]
-    refs = _put_all(store, [image.data for slot in fresh for image in slot.outcome.images])
+    refs = [ref for slot in fresh for ref in put.get(id(slot.outcome))
+            or _put_all(store, [image.data for image in slot.outcome.images])]
     _insert_blob_rows(db, {ref.blob_id: ref.size for ref in refs}, now)
     stacks: dict[tuple, Item] = {}  # stacks begun or joined in this batch
     placed, new_items, blob_ids = [], {}, iter([ref.blob_id for ref in refs])
@@ -313,10 +355,12 @@ def _open_stack(db: Session, project_id: int, series_uid: str, width: int,
                 height: int) -> tuple[Item | None, str | None]:
     """The series' newest stack of this size if its labeling has not begun; else why not."""
     touched = exists().where(Annotation.task_id == Task.id)
+    # FOR UPDATE OF tasks: a lease of that task waits (or skips it) until this ingest commits, so
+    # no labeler starts on a stack that is still growing (PostgreSQL; SQLite writers are serial).
     row = db.execute(select(Item, Task.state, touched).join(Task, Task.item_id == Item.id)
                      .where(Item.project_id == project_id, Item.series_uid == series_uid,
                             Item.width == width, Item.height == height)
-                     .order_by(Item.id.desc()).limit(1)).first()
+                     .order_by(Item.id.desc()).limit(1).with_for_update(of=Task)).first()
     if row is None:
         return None, None
     stack, state, saved = row

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, or_, text
+from sqlalchemy import bindparam, or_, select, text
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
@@ -41,10 +41,15 @@ def holds_lease(task: TaskRow, user: User, now: datetime) -> bool:
 
 
 _P, _U, _NOW = bindparam("project_id"), bindparam("user_id"), bindparam("now")
-_ONE_ASKER = text("SELECT pg_advisory_xact_lock(:project_id, :user_id)")
-HELD = {state: queue_query(T.c.project_id == _P, T.c.lease_owner_id == _U, T.c.state == state,
-                            T.c.lease_expires_at > _NOW, order_by=[T.c.id])
-         for state in ("labeling", "reviewing")}
+# A key of our own in the database-wide advisory-lock space (another application's two-int keys
+# cannot collide with it except by a hash accident, which costs a short wait and nothing else).
+_ONE_ASKER = text("SELECT pg_advisory_xact_lock(hashtextextended("
+                  "'onprem-label lease ' || :project_id || ' ' || :user_id, 0))")
+# The task the caller holds: locked and waited for, never skipped (SKIP LOCKED would pass over it
+# while one of the caller's own saves holds its row, and hand them a second task).
+HELD = {state: select(T).where(T.c.project_id == _P, T.c.lease_owner_id == _U, T.c.state == state,
+                               T.c.lease_expires_at > _NOW).order_by(T.c.id).limit(1).with_for_update()
+        for state in ("labeling", "reviewing")}
 # One condition per query (no OR on the labeler's side): each is answered from an index, so the
 # cost does not grow with the project (an OR made SQLite scan the project's tasks and sort them).
 _MINE = (T.c.project_id == _P, T.c.labeler_id == _U)
@@ -84,6 +89,8 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
         conn.execute(_ONE_ASKER, {"project_id": project.id, "user_id": user.id})
     held = first_of(conn, HELD["reviewing" if review else "labeling"], **params)
     if held is not None:
+        record(db, AuditAction.TASK_VIEW, actor=user, object_type="task", object_id=held.id,
+               details={"project_id": held.project_id, "held": True}, context=context, now=now)
         return Lease(held, _kind(held, review))
     for query in (REVIEW_QUEUES if review else LABEL_QUEUES).values():
         task = first_of(conn, query, **params)

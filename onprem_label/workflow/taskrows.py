@@ -67,6 +67,7 @@ _TASK_BY_ID = (select(TASKS, *_PROJECT_COLUMNS, *_ITEM_COLUMNS)
                .join(PROJECTS, PROJECTS.c.id == TASKS.c.project_id).join(ITEMS, ITEMS.c.id == TASKS.c.item_id)
                .where(TASKS.c.id == bindparam("task_id")))
 _TASK_BY_ID_LOCKED = _TASK_BY_ID.with_for_update(of=TASKS)
+_STATE_BY_ID = select(TASKS.c.state, TASKS.c.version).where(TASKS.c.id == bindparam("task_id"))
 _WRITE_TASK = (update(TASKS).where(TASKS.c.id == bindparam("task_id"), TASKS.c.version == bindparam("expected"))
                .values({name: bindparam(f"new_{name}") for name in _MUTABLE}))
 
@@ -91,7 +92,8 @@ def write_task(conn: Connection, task: TaskRow, expected_version: int) -> None:
     params = {f"new_{name}": getattr(task, name) for name in _MUTABLE}
     result = conn.execute(_WRITE_TASK, {"task_id": task.id, "expected": expected_version, **params})
     if result.rowcount != 1:
-        raise StaleVersion("The task changed meanwhile; reload it.", state=task.state, version=expected_version)
+        now_state, now_version = conn.execute(_STATE_BY_ID, {"task_id": task.id}).one()
+        raise StaleVersion("The task changed meanwhile; reload it.", state=now_state, version=now_version)
 
 
 def queue_query(*conditions, order_by) -> Any:

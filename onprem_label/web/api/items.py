@@ -28,8 +28,7 @@ PAGE_MAX = 500
 
 
 def _user():
-    # load=False: the caller was read by the login check just now; no second SELECT.
-    return db().merge(current_user._get_current_object(), load=False)
+    return db().merge(current_user._get_current_object())
 
 
 def item_json(item: Item, images=None) -> dict:

@@ -24,7 +24,7 @@ def index():
 
 
 @bp.route("/work")
-@require(Permission.LABEL)
+@require()  # any account may be a member of a project; the page lists the memberships it has
 def work():
     """Labelers and reviewers: their projects, what waits for them, their counts and quality."""
     return render_template("home/work.html", projects=my_work(db(), current_user._get_current_object()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import Blueprint, render_template
 from flask_login import current_user
 
-from onprem_label.auth.roles import Permission
 from onprem_label.web.context import db
 from onprem_label.web.login import require
 from onprem_label.workflow.members import get_project
@@ -22,15 +21,16 @@ def _workspace(project_id: int, mode: str):
     return render_template("work/workspace.html", project=project, mode=mode, title=title)
 
 
+# Only the project role counts (a labeler made reviewer in one project reviews there), as in the API.
 @bp.route("/projects/<id:project_id>/label")
-@require(Permission.LABEL)
+@require()
 def label(project_id: int):
     """The labeling workspace of a project: leases the caller's next task (rework first)."""
     return _workspace(project_id, "label")
 
 
 @bp.route("/projects/<id:project_id>/review")
-@require(Permission.REVIEW)
+@require()
 def review(project_id: int):
     """The review workspace of a project: leases the next submitted task someone else labeled."""
     return _workspace(project_id, "review")

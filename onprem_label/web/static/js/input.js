@@ -79,6 +79,12 @@ export function bindInput(ws) {
   document.addEventListener("keydown", (e) => {
     if (document.querySelector("dialog[open]") || typing(e)) return;
     const k = e.key, ctrl = e.ctrlKey || e.metaKey;
+    // A held key repeats: never let it hand in, save or decide again (the next task would be
+    // decided unseen).
+    if (e.repeat && (["a", "r", "c", "s", "S"].includes(k) || k === "Enter")) {
+      e.preventDefault();
+      return;
+    }
     const digit = /^Digit(\d)$/.exec(e.code);
     let handled = true;
     if (k === "?") {
@@ -134,6 +140,9 @@ export function bindInput(ws) {
       ws.editor.redo();
     } else if (k === "s" && ws.mode === "label") {
       ws.save();
+    } else if (ws.state.schema.classes.some((c) => c.hotkey === k.toLowerCase())) {
+      // Before the tool keys: a schema made before a key was reserved keeps its class hotkey.
+      ws.pickClass(ws.state.schema.classes.find((c) => c.hotkey === k.toLowerCase()).name);
     } else if (ws.mode === "review" && k === "a") {
       ws.decide("accept");
     } else if (ws.mode === "review" && k === "r") {
@@ -142,8 +151,6 @@ export function bindInput(ws) {
       ws.decide("correct");
     } else if (TOOLS.some((t) => t.key === k)) {
       ws.setTool(TOOLS.find((t) => t.key === k).id);
-    } else if (ws.state.schema.classes.some((c) => c.hotkey === k.toLowerCase())) {
-      ws.pickClass(ws.state.schema.classes.find((c) => c.hotkey === k.toLowerCase()).name);
     } else {
       handled = false;
     }

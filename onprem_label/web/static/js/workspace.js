@@ -10,7 +10,7 @@ import { buildPalette, initPanels, pickClass, readAnswers, setAnswers, setTool, 
 import { Viewer } from "./viewer.js";
 
 const AUTOSAVE_MS = 4000;
-const HEARTBEAT_MS = 60000;
+const HEARTBEAT_MS = 60000; // at most; a third of the project's lease when that is shorter
 
 const root = $("workspace");
 const mode = root.dataset.mode; // "label" | "review"
@@ -64,6 +64,7 @@ function showView() {
 
 function painted({ frame, failed }) {
   if (failed) {
+    state.pendingShown = false; // shown as a failure: rejecting or giving the task back stays possible
     banner("This frame could not be loaded from the server. Try another frame, or report it to the project manager.", [], "error");
     return;
   }
@@ -272,34 +273,51 @@ function failed(err, what) {
   banner(`${what}: ${err.message}`, [["Try again", () => nextTask()]], "error");
 }
 
+// One hand-in or decision at a time, and only on a task whose image is on screen.
+function mayAct() {
+  return state.task && !state.blocked && !state.acting && !state.pendingShown;
+}
+
 async function submit() {
-  if (!state.task || state.blocked) return;
-  if (state.dirty && !(await save())) return;
-  const started = performance.now();
+  if (!mayAct()) return;
+  state.acting = true;
   try {
-    await api("POST", `/tasks/${state.task.id}/submit`, { version: state.version });
-  } catch (err) {
-    if (err instanceof ApiError && err.status === 422) return showErrors(err);
-    if (err instanceof ApiError && err.status === 409) return handleSaveError(err);
-    return failed(err, "Could not submit");
+    if (state.dirty && !(await save())) return;
+    try {
+      await api("POST", `/tasks/${state.task.id}/submit`, { version: state.version });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 422) return showErrors(err);
+      if (err instanceof ApiError && err.status === 409) return handleSaveError(err);
+      return failed(err, "Could not submit");
+    }
+    await nextTask();
+  } finally {
+    state.acting = false;
   }
-  root.dataset.submittedAt = String(started);
-  await nextTask();
 }
 
 async function decide(decision, extra = {}) {
-  if (!state.task || state.blocked) return;
+  if (!mayAct()) return;
+  if (decision === "correct" && !state.dirty) {
+    // A correction with no change would count against the labeler as a first-pass miss.
+    return showErrors(new Error("Nothing was changed: press A to accept as it is, or edit the shapes first."));
+  }
   const body = { decision, version: state.version, ...extra };
   if (decision === "correct") Object.assign(body, annotationBody());
+  state.acting = true;
   try {
-    await api("POST", `/tasks/${state.task.id}/review`, body);
-  } catch (err) {
-    if (err instanceof ApiError && err.status === 422) return showErrors(err);
-    if (err instanceof ApiError && err.status === 409) return leaseLost(err);
-    return failed(err, "Could not record the review");
+    try {
+      await api("POST", `/tasks/${state.task.id}/review`, body);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 422) return showErrors(err);
+      if (err instanceof ApiError && err.status === 409) return leaseLost(err);
+      return failed(err, "Could not record the review");
+    }
+    state.dirty = false;
+    await nextTask();
+  } finally {
+    state.acting = false;
   }
-  state.dirty = false;
-  await nextTask();
 }
 
 function openReject() {
@@ -340,7 +358,7 @@ function startTimers() {
     } catch (err) {
       if (err instanceof ApiError && err.status === 409) leaseLost(err);
     }
-  }, HEARTBEAT_MS);
+  }, Math.min(HEARTBEAT_MS, (state.leaseMinutes * 60000) / 3));
 }
 
 function stopTimers() {
@@ -402,6 +420,7 @@ async function start() {
   try {
     const project = await api("GET", `/projects/${projectId}`);
     state.schema = project.label_schema || { classes: [], questions: [] };
+    state.leaseMinutes = (project.settings && project.settings.lease_minutes) || 30;
   } catch (err) {
     return banner(`Could not open the project: ${err.message}`, [], "error");
   }
