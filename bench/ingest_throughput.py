@@ -269,7 +269,7 @@ def print_parts(times: dict[str, list[float]]) -> None:
     for name, ms in med.items():
         print(f"  {name:<36} {ms:7.2f} ms")
     worker = sum(ms for k, ms in med.items() if k.startswith("W "))
-    parent = sum(ms for k, ms in med.items() if k.startswith("P ") and "(" not in k)
+    parent = sum(ms for k, ms in med.items() if k.startswith("P ") and not k.startswith("P ("))
     cores = os.cpu_count() or 1
     both = 1000 * cores / (worker + parent)
     print(f"worker steps {worker:.1f} ms per file, parent steps {parent:.1f} ms per file: the parent alone "
