@@ -9,6 +9,8 @@ from typing import Callable
 from flask import Flask
 from werkzeug.routing import IntegerConverter
 
+from onprem_label.audit import chain
+from onprem_label.audit.site import chain_for
 from onprem_label.auth.accounts import LockoutPolicy
 from onprem_label.auth.ratelimit import AddressRateLimiter
 from onprem_label.auth.sessions import SessionPolicy
@@ -55,8 +57,10 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
         SEND_FILE_MAX_AGE_DEFAULT=3600,
     )
     engine = make_engine(settings.effective_database_url)
+    maker = make_sessionmaker(engine)
+    chain.attach(maker, chain_for(settings, keyring))
     app.extensions["onprem_label"] = Services(
-        settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), clock=clock,
+        settings=settings, engine=engine, sessionmaker=maker, clock=clock,
         totp_key=keyring.purpose_key("totp-secrets"),
         store=open_store(settings, keyring),
         lockout=LockoutPolicy.from_settings(settings),
@@ -83,9 +87,9 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
 
     from onprem_label.web.api import bp as api_bp
     from onprem_label.web.health import bp as health_bp
-    from onprem_label.web.pages import admin, auth, home, items, projects, work
+    from onprem_label.web.pages import admin, audit, auth, home, items, projects, work
 
     for blueprint in (health_bp, auth.bp, home.bp, admin.bp, items.bp, work.bp, projects.bp,
-                      api_bp):
+                      audit.bp, api_bp):
         app.register_blueprint(blueprint)
     return app

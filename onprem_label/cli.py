@@ -15,7 +15,8 @@ import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from onprem_label import __version__
-from onprem_label.audit import AuditAction, record
+from onprem_label.audit import AuditAction, chain, record
+from onprem_label.audit.site import chain_for
 from onprem_label.auth import accounts
 from onprem_label.auth.errors import AuthError
 from onprem_label.clock import utcnow
@@ -76,7 +77,11 @@ def open_database(settings: Settings, *, require_head: bool = True):
         if not at_head:
             engine.dispose()
             raise CliError(message)
-    return engine, make_sessionmaker(engine)
+    maker = make_sessionmaker(engine)
+    # The keyring is opened only if the command writes an audit event (see audit.chain).
+    chain.attach(maker, chain.LazyAuditChain(lambda: chain_for(settings, open_keyring(
+        settings, passphrase=ask_passphrase(settings)))))
+    return engine, maker
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,10 +111,12 @@ def init(ctx: click.Context, admin_name: str, demo: bool) -> None:
     engine = make_engine(settings.effective_database_url)
     try:
         before = migrate.current_revision(engine)
-        migrate.upgrade(engine)
+        migrate.upgrade(engine, audit_seal=chain.legacy_sealer(chain.audit_key(keyring)))
         if before != migrate.head_revision(engine):
             click.echo(f"database ready ({settings.masked()['database_url'] or data / DB_FILE_NAME})")
-        with make_sessionmaker(engine)() as db:
+        maker = make_sessionmaker(engine)
+        chain.attach(maker, chain_for(settings, keyring))
+        with maker() as db:
             if accounts.count_users(db):
                 click.echo(f"data directory {data} already initialised; nothing else to do")
                 return
@@ -264,9 +271,12 @@ def _any_revision_engine(ctx: click.Context):
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Apply every pending migration."""
+    settings = settings_from(ctx.parent)
     with _any_revision_engine(ctx) as engine:
         before = migrate.current_revision(engine)
-        migrate.upgrade(engine)
+        # The key seals audit events written before the chain existed (revision 0005).
+        keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
+        migrate.upgrade(engine, audit_seal=chain.legacy_sealer(chain.audit_key(keyring)))
         click.echo(f"database upgraded from {before or 'empty'} to {migrate.current_revision(engine)}")
 
 
@@ -291,6 +301,7 @@ def db_check(ctx: click.Context) -> None:
 
 
 from onprem_label.cli_accounts import config_group, token_group, user_group  # noqa: E402
+from onprem_label.cli_audit import audit_group  # noqa: E402
 from onprem_label.cli_ingest import ingest, project_group  # noqa: E402
 from onprem_label.cli_storage import doctor, key_group  # noqa: E402
 
@@ -301,6 +312,7 @@ cli.add_command(token_group)
 cli.add_command(config_group)
 cli.add_command(project_group)
 cli.add_command(ingest)
+cli.add_command(audit_group)
 
 
 def main() -> None:

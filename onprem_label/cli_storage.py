@@ -12,6 +12,8 @@ import click
 from onprem_label.audit import AuditAction, record
 from onprem_label.clock import utcnow
 from onprem_label.config import NEW_PASSPHRASE_ENV
+from onprem_label.audit import chain
+from onprem_label.audit.site import chain_for
 from onprem_label.storage import IntegrityError, blob_root, open_keyring, open_store
 from onprem_label.storage.blobstore import iter_blob_ids
 from onprem_label.storage.rotation import key_usage, rotate_master_key
@@ -23,11 +25,16 @@ def _settings(ctx: click.Context):
     return settings_from(ctx.find_root())
 
 
-def _audit(settings, action: AuditAction, details: dict) -> None:
-    """Record a console action in the audit trail (when the database is reachable and at head)."""
+def _audit(settings, action: AuditAction, details: dict, audit_chain=None) -> None:
+    """Record a console action in the audit trail (when the database is reachable and at head).
+
+    `audit_chain`: one made before the command changed the keyring (rotation), to seal with.
+    """
     from onprem_label.cli import open_database
 
     engine, make_session = open_database(settings)
+    if audit_chain is not None:
+        chain.attach(make_session, audit_chain)
     try:
         with make_session() as db:
             record(db, action, object_type="system", details=details, now=utcnow())
@@ -63,8 +70,8 @@ def key_rotate(ctx: click.Context) -> None:
     new_passphrase = None
     if settings.key_source == "passphrase":
         new_passphrase = _ask_new_passphrase()  # the core checks both against the keyring
-    else:
-        open_keyring(settings)  # the right key file, or stop here
+    # The audit key derives from the root key, which rotation keeps; open it while the old key opens it.
+    audit_chain = chain_for(settings, open_keyring(settings, passphrase=passphrase))
     from onprem_label.cli import open_database
     open_database(settings)[0].dispose()  # the audit row at the end needs the database: check now
     total = sum(1 for _ in iter_blob_ids(blob_root(settings)))
@@ -88,7 +95,7 @@ def key_rotate(ctx: click.Context) -> None:
                            "deal with that blob, then run 'onprem-label key rotate' again") from None
     _audit(settings, AuditAction.KEY_ROTATE, {"from_key_id": report.old_key_id,
                                               "to_key_id": report.new_key_id,
-                                              "rewrapped": report.rewrapped})
+                                              "rewrapped": report.rewrapped}, audit_chain)
     click.echo(f"master key rotated: {report.old_key_id} -> {report.new_key_id}; "
                f"{report.rewrapped} blobs re-wrapped, {report.already_new} already on the new key")
     if report.retired_key_file:

@@ -52,6 +52,16 @@ def _check_ip_address(value: str) -> str | None:
     return None
 
 
+def _check_lan_address(value: str) -> str | None:
+    # A literal address: the server must not depend on name resolution to keep its audit copy.
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return "expected one literal IP address of a host on the LAN"
+    return None
+
+
 def _check_database_url(value: str) -> str | None:
     if value and not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         return "expected a sqlite:/// or postgresql+psycopg:// URL"
@@ -136,6 +146,20 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("deid_linkage", "bool", False,
             "Keep an encrypted table linking original DICOM identifiers to the new ones (for "
             "re-identification by an authorised person). Off: originals cannot be traced back.",),
+    Setting("audit_checkpoint_file", "path", "",
+            "Append-only file of audit checkpoints (event count, head hash, HMAC), kept outside the "
+            "database so cutting off the tail of the log is caught. Empty means "
+            "'<data_dir>/audit/checkpoints.log'; a separate disk or a write-once mount is better."),
+    Setting("audit_checkpoint_every", "int", 1000,
+            "Write an audit checkpoint each time the log grows past a multiple of this many events.",
+            minimum=1, maximum=10_000_000),
+    Setting("audit_syslog_host", "str", "",
+            "Forward every audit event as RFC 5424 syslog over TCP to this host on the LAN "
+            "(empty: no forwarding). The database stays the record; forwarding never delays a request.",
+            check=_check_lan_address),
+    Setting("audit_syslog_port", "int", 514, "TCP port of the syslog receiver.", minimum=1, maximum=65535),
+    Setting("audit_source_id", "str", "onprem-label",
+            "This server's name in forwarded syslog messages and DICOM audit messages (AuditSourceID)."),
     Setting("log_level", "str", "info", "Application log level.",
             choices=("debug", "info", "warning", "error")),
 )
@@ -224,6 +248,13 @@ class Settings:
             return Path(self.key_file).expanduser().resolve()
         data = self.data_path
         return data.with_name(data.name + ".key")
+
+    @property
+    def audit_checkpoint_path(self) -> Path:
+        """The audit checkpoint file: the setting, or '<data_dir>/audit/checkpoints.log'."""
+        if self.audit_checkpoint_file:
+            return Path(self.audit_checkpoint_file).expanduser().resolve()
+        return self.data_path / "audit" / "checkpoints.log"
 
     @property
     def effective_database_url(self) -> str:

@@ -21,9 +21,11 @@ from onprem_label.auth import break_glass, passwords, sessions
 from onprem_label.cli import cli
 from onprem_label.clock import utcnow
 from onprem_label.config import CONFIG_FILE_NAME, ENV_PREFIX, load_settings
+from onprem_label.audit.chain import LazyAuditChain, attach
+from onprem_label.audit.site import chain_for
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.models import Item, ApiToken, AuditEvent, LoginSession, Project, User
-from onprem_label.storage import init_keyring
+from onprem_label.storage import init_keyring, open_keyring
 from onprem_label.storage.keys import create_key_file
 
 PW = "a perfectly fine passphrase"
@@ -86,7 +88,9 @@ class Site:
         """Run fn(session) on the site's database and return its result."""
         engine = self.engine()
         try:
-            with make_sessionmaker(engine)() as db:
+            maker = make_sessionmaker(engine)
+            attach(maker, LazyAuditChain(lambda: chain_for(self.settings, open_keyring(self.settings))))
+            with maker() as db:
                 result = fn(db)
                 db.commit()
                 return result
@@ -111,16 +115,23 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path, database_url) -> Site:
+def keyless_site(tmp_path, database_url) -> Site:
     """A data directory whose database is at head, with no users and no key yet."""
     return Site(tmp_path / "data", {"ONPREM_LABEL_DATABASE_URL": database_url} if database_url else {})
 
 
 @pytest.fixture
+def site(keyless_site) -> Site:
+    """`keyless_site` with its master key and keyring in place (every command that writes an
+    audit event needs the key that seals it; `serve` needs it besides the database)."""
+    keyless_site.data.mkdir(mode=0o700, exist_ok=True)
+    init_keyring(keyless_site.settings)
+    return keyless_site
+
+
+@pytest.fixture
 def keyed_site(site) -> Site:
-    """`site` with its master key and keyring in place (what `serve` needs besides the database)."""
-    site.data.mkdir(mode=0o700, exist_ok=True)
-    init_keyring(site.settings)
+    """The same as `site` (kept for the tests that say they need the key)."""
     return site
 
 
@@ -597,8 +608,9 @@ def test_serve_without_key_file(keyed_site, tmp_path):
     assert snapshot(tmp_path) == before and not site.key_path.exists()
 
 
-def test_serve_without_keyring(site, tmp_path):
+def test_serve_without_keyring(keyless_site, tmp_path):
     """serve on a data directory never initialised exits 1 saying to run init, writing nothing."""
+    site = keyless_site
     site.data.mkdir(mode=0o700, exist_ok=True)
     before = snapshot(tmp_path)
     assert_one_line_error(site.run("serve"), "no keyring", "onprem-label init")

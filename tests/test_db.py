@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import func, select, text
 
+from onprem_label.audit import AuditAction, record
+from onprem_label.audit.chain import AuditChain, attach
 from onprem_label.db import make_engine, make_sessionmaker
 from onprem_label.db.models import AuditEvent, User
 
@@ -71,6 +73,7 @@ def test_concurrent_read_then_write_transactions(settings, backend):
     """Eight threads doing read-modify-write transactions at once never see 'database is locked'."""
     engine = make_engine(settings.effective_database_url, pool_size=8, max_overflow=0)
     make_session = make_sessionmaker(engine)
+    attach(make_session, AuditChain(key=b"k" * 32))
     with make_session() as s:
         s.add(User(username="counter", display_name="", password_hash="x", roles="",
                    active=True, must_change_password=False, failed_logins=0,
@@ -87,8 +90,7 @@ def test_concurrent_read_then_write_transactions(settings, backend):
                     user = s.scalar(select(User).where(User.username == "counter")
                                     .with_for_update())
                     user.failed_logins += 1
-                    s.add(AuditEvent(ts=datetime.now(timezone.utc), action="test:write",
-                                     outcome="success", details={"n": n, "i": i}))
+                    record(s, AuditAction.USER_UNLOCK, actor_name="counter", details={"n": n, "i": i})
                     s.commit()
         except BaseException as exc:  # collected and asserted in the main thread
             errors.append(exc)

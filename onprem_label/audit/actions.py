@@ -57,3 +57,9 @@ class AuditAction(StrEnum):
     ITEM_VIEW = "item:view"
     IMAGE_READ = "image:read"
     ITEM_PIXEL_CHECK_CLEAR = "item:pixel_check_clear"
+
+    AUDIT_SEARCH = "audit:search"
+    AUDIT_EXPORT = "audit:export"
+    AUDIT_VERIFY = "audit:verify"
+    AUDIT_CHECKPOINT = "audit:checkpoint"
+    AUDIT_ARCHIVE = "audit:archive"

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
+from onprem_label.audit.chain import queue, to_millis
 from onprem_label.clock import utcnow
-from onprem_label.db.models import AuditEvent, User
+from onprem_label.db.models import User
 
 
 @dataclass(frozen=True)
@@ -29,26 +29,23 @@ CONSOLE = AuditContext()
 def record(session: Session, action: AuditAction, *, actor: User | None = None,
            actor_name: str | None = None, object_type: str = "", object_id: Any = "",
            outcome: str = "success", details: dict[str, Any] | None = None,
-           context: AuditContext = CONSOLE, now: datetime | None = None) -> None:
-    """Write one audit event in `session`'s transaction; it commits (or rolls back) with the change it records.
-
-    A plain INSERT, sent at once: it is on every request, and the ORM's unit of work would
-    cost several times as much for a row that is never read back in the same transaction.
-    """
-    session.connection().execute(_INSERT, {
-        "ts": now or utcnow(),
+           context: AuditContext = CONSOLE, now: datetime | None = None, study_uid: str | None = None) -> None:
+    """Add one audit event to `session`'s transaction; it is sealed onto the chain at COMMIT, or
+    dropped with a rollback, together with the change it records (see audit.chain)."""
+    if outcome not in ("success", "denied", "failure"):
+        raise ValueError(f"unknown audit outcome {outcome!r}")
+    queue(session, {
+        "ts": to_millis(now or utcnow()),
         "actor_id": actor.id if actor is not None else None,
         "actor_name": (actor.username if actor is not None else actor_name or "")[:64],
         "actor_role": actor.roles if actor is not None else "",
         "action": AuditAction(action).value,
         "object_type": object_type,
         "object_id": str(object_id)[:64],
+        "study_uid": (study_uid or "")[:64],
         "outcome": outcome,
         "client_addr": context.client_addr[:64],
         "user_agent": context.user_agent[:300],
         "request_id": context.request_id[:64],
         "details": details or {},
     })
-
-
-_INSERT = insert(AuditEvent.__table__)

@@ -41,7 +41,7 @@ def landing_endpoint(roles: frozenset[str]) -> str:
     """The page a user lands on after login, by their most powerful role."""
     for role, endpoint in (("admin", "admin.users"), ("manager", "home.manager"),
                            ("reviewer", "home.work"), ("labeler", "home.work"),
-                           ("auditor", "home.auditor")):
+                           ("auditor", "audit.log")):
         if role in roles:
             return endpoint
     return "home.no_role"

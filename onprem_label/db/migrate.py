@@ -9,16 +9,24 @@ from alembic.config import Config
 from alembic.util import CommandError
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from typing import Callable
+
+from sqlalchemy import Connection, Engine
 
 UPGRADE_COMMAND = "onprem-label db upgrade"
 
 
-def alembic_config(engine: Engine) -> Config:
-    """An Alembic Config pointing at the packaged migrations and bound to `engine`."""
+def alembic_config(engine: Engine, audit_seal: Callable[[Connection], object] | None = None) -> Config:
+    """An Alembic Config pointing at the packaged migrations and bound to `engine`.
+
+    With `audit_seal` (audit.chain.seal_legacy with the key), revision 0005 can seal the audit
+    events written before the chain existed.
+    """
     config = Config()
     config.set_main_option("script_location", str(files("onprem_label.migrations")))
     config.attributes["engine"] = engine
+    if audit_seal is not None:
+        config.attributes["audit_seal"] = audit_seal
     return config
 
 
@@ -57,9 +65,10 @@ def _known_revision(engine: Engine, revision: str) -> bool:
         return False
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to `revision`."""
-    command.upgrade(alembic_config(engine), revision)
+def upgrade(engine: Engine, revision: str = "head", *,
+            audit_seal: Callable[[Connection], object] | None = None) -> None:
+    """Apply migrations up to `revision` (`audit_seal`: see alembic_config)."""
+    command.upgrade(alembic_config(engine, audit_seal), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:

@@ -150,16 +150,22 @@ class Blob(Base):
 
 
 class AuditEvent(Base):
-    """One security or data event. The audit issue adds the hash chain and append-only triggers."""
+    """One security or data event, a link of the hash chain (audit.chain); append-only.
+
+    Triggers (migration 0005) refuse UPDATE and DELETE on both databases; `audit archive` is the
+    one sanctioned way to move old events out. `id` is the chain's sequence number, assigned by
+    audit.chain (never by the database), so the ids have no gaps.
+    """
 
     __tablename__ = "audit_events"
     __table_args__ = (
         CheckConstraint("outcome IN ('success', 'denied', 'failure')", name="outcome"),
         Index("ix_audit_events_ts", "ts"),
         Index("ix_audit_events_actor_id", "actor_id"),
+        Index("ix_audit_events_object", "object_type", "object_id"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     ts: Mapped[datetime] = mapped_column(UTCDateTime)
     # No foreign key: the trail must outlive the accounts it names.
     actor_id: Mapped[int | None] = mapped_column(Integer)
@@ -173,9 +179,27 @@ class AuditEvent(Base):
     user_agent: Mapped[str] = mapped_column(String(300), default="")
     request_id: Mapped[str] = mapped_column(String(64), default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    study_uid: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
 
 
-__all__ = ["ApiToken", "AuditEvent", "Blob", "LoginSession", "PROJECT_ROLES", "Project", "ProjectMember",
+class AuditAnchor(Base):
+    """Where the chain goes on after `audit archive` moved its prefix into a sealed file."""
+
+    __tablename__ = "audit_anchors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    archived_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    first_id: Mapped[int] = mapped_column(Integer)
+    last_id: Mapped[int] = mapped_column(Integer, unique=True)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    file_name: Mapped[str] = mapped_column(String(255))
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+
+
+__all__ = ["ApiToken", "AuditAnchor", "AuditEvent", "Blob", "LoginSession", "PROJECT_ROLES", "Project", "ProjectMember",
            "ROLES", "User"]
 
 

@@ -54,11 +54,15 @@ def _auth_error(exc: AuthError):
 def _workflow_error(exc: WorkflowError):
     response = error_response(exc.status, exc.code, str(exc), **exc.extra)
     if exc.status == 403:
-        _record_denied()
+        _record_denied("role")
+    elif exc.status == 404:
+        # "No such object" and "not in your project" look alike to the caller (no existence leak);
+        # the trail keeps both, so ids guessed across projects leave a trace.
+        _record_denied("not_found_or_not_a_member")
     return response
 
 
-def _record_denied() -> None:
+def _record_denied(reason: str) -> None:
     """A refused authorisation check is an audit event too (after the rollback of the request's work)."""
     from flask import request
     from flask_login import current_user
@@ -66,10 +70,12 @@ def _record_denied() -> None:
     from onprem_label.audit import AuditAction, record
     from onprem_label.web.context import audit_context, db, now
 
+    if not current_user.is_authenticated:
+        return  # an anonymous caller never reaches a workflow check; the 401 is the answer
     dbs = db()
-    actor = dbs.merge(current_user._get_current_object()) if current_user.is_authenticated else None
+    actor = dbs.merge(current_user._get_current_object())
     record(dbs, AuditAction.ACCESS_DENIED, actor=actor, outcome="denied",
-           details={"path": request.path[:200]}, context=audit_context(), now=now())
+           details={"path": request.path[:200], "reason": reason}, context=audit_context(), now=now())
     dbs.commit()
 
 

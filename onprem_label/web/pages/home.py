@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, url_for
 from flask_login import current_user
-from sqlalchemy import select
 
 from onprem_label.auth.roles import Permission, landing_endpoint
-from onprem_label.db.models import AuditEvent
 from onprem_label.web.context import db
 from onprem_label.web.login import require
 from onprem_label.web.pages.projects import render_overview  # the page and its create form
@@ -35,14 +33,6 @@ def work():
 def manager():
     """Managers: every project with its counts, links to its admin page, and the create form."""
     return render_overview()
-
-
-@bp.route("/audit-log")
-@require(Permission.READ_AUDIT)
-def auditor():
-    """Auditors: the latest events (search, verify and export come with the audit trail)."""
-    events = db().scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(100)).all()
-    return render_template("home/auditor.html", events=events)
 
 
 @bp.route("/welcome")

@@ -1,0 +1,178 @@
+"""Walking the chain: every event's id, link and HMAC, the archive anchor and the checkpoints.
+
+The first bad event is named with what is wrong with it:
+- `missing`: ids jump (events were deleted);
+- `edited`: an event's HMAC does not match its fields (changed, forged, or the chain rebuilt with
+  another key);
+- `reordered`: an event is intact but does not follow the one before it (moved, or the event
+  before it was replaced);
+- `truncated`: the chain is shorter than a checkpoint saw it, or ends in another event.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from sqlalchemy import Connection
+
+from onprem_label.audit.chain import CHAIN_FIELDS, FIELDS, GENESIS_HASH, anchor_mac, canonical
+from onprem_label.audit.checkpoints import Checkpoint
+from onprem_label.db.models import AuditAnchor, AuditEvent
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong, and with which event (None: not one event, e.g. a forged checkpoint)."""
+
+    kind: str
+    event_id: int | None
+    message: str
+
+
+@dataclass
+class VerifyResult:
+    """The outcome of one walk."""
+
+    events: int = 0
+    first_id: int | None = None
+    last_id: int = 0
+    head: str = GENESIS_HASH
+    problem: Problem | None = None
+    checkpoints: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return self.problem is None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as JSON-able data (API and `--json`)."""
+        problem = None if self.problem is None else {
+            "kind": self.problem.kind, "event_id": self.problem.event_id, "message": self.problem.message}
+        return {"ok": self.ok, "events": self.events, "first_id": self.first_id, "last_id": self.last_id,
+                "head": self.head, "checkpoints_checked": self.checkpoints, "problem": problem,
+                "warnings": self.warnings}
+
+
+def walk(rows: Iterable[Any], key: bytes | None, *, start_id: int | None = 1, start_prev: str | None = GENESIS_HASH,
+         want: set[int] | None = None, contiguous: bool = True) -> tuple[VerifyResult, dict[int, str]]:
+    """Check `rows` (mappings with the chain's fields, in id order) as one stretch of the chain.
+
+    `start_id`/`start_prev` None: the stretch starts wherever its first row says (an export).
+    `key` None: only ids and links are checked (no HMAC; an auditor without the key).
+    `contiguous` False: a filtered export, where only rows with consecutive ids are linked.
+    Returns the result and the hashes at the ids in `want` (checkpoint positions).
+    """
+    result, seen = VerifyResult(), {}
+    want = want or set()
+    expected_id, expected_prev = start_id, start_prev
+    for row in rows:
+        row_id, prev, digest = int(row["id"]), row["prev_hash"], row["hash"]
+        if result.first_id is None:
+            result.first_id = row_id
+        if expected_id is not None and row_id != expected_id:
+            if row_id < expected_id:
+                result.problem = Problem("reordered", row_id, f"event {row_id} appears after event {expected_id - 1}")
+                return result, seen
+            if contiguous:
+                gap = f"event {expected_id}" if row_id == expected_id + 1 else f"events {expected_id}..{row_id - 1}"
+                result.problem = Problem("missing", expected_id, f"{gap} missing (deleted) before event {row_id}")
+                return result, seen
+            expected_prev = None  # a filtered export skips ids: no link to check across the gap
+        own_ok = key is None or hmac.compare_digest(
+            digest, hmac.digest(key, canonical(row) + b"\n" + prev.encode("ascii"), "sha256").hex())
+        if expected_prev is not None and prev != expected_prev:
+            if own_ok:
+                result.problem = Problem("reordered", row_id, f"event {row_id} is intact but does not follow "
+                                         f"event {row_id - 1} (moved, or the event before it was replaced)")
+            else:
+                result.problem = Problem("edited", row_id, f"event {row_id} does not match its HMAC and does not "
+                                         f"follow event {row_id - 1} (forged or edited)")
+            return result, seen
+        if not own_ok:
+            result.problem = Problem("edited", row_id, f"event {row_id} does not match its HMAC (a field was edited, "
+                                     "the event forged, or the chain rebuilt without the audit key)")
+            return result, seen
+        if row_id in want:
+            seen[row_id] = digest
+        result.events += 1
+        result.last_id, result.head = row_id, digest
+        expected_id, expected_prev = row_id + 1, digest
+    return result, seen
+
+
+def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] | None = None,
+                    bad_checkpoint_lines: int = 0) -> VerifyResult:
+    """Walk the whole chain in the database (after the last archive anchor) and the checkpoints.
+
+    Read the checkpoints before calling: every checkpoint read then names committed events, so a
+    checkpoint written while the walk runs cannot look like a truncation.
+    """
+    warnings = []
+    anchor = conn.execute(_ANCHOR).first()
+    start_id, start_prev = 1, GENESIS_HASH
+    if anchor is not None:
+        if not hmac.compare_digest(anchor.mac, anchor_mac(key, anchor.last_id, anchor.last_hash, anchor.file_sha256)):
+            result = VerifyResult()
+            result.problem = Problem("edited", anchor.last_id + 1, f"the archive anchor before event "
+                                     f"{anchor.last_id + 1} does not match its HMAC")
+            return result
+        start_id, start_prev = anchor.last_id + 1, anchor.last_hash
+        warnings.append(f"events 1..{anchor.last_id} were archived to {anchor.file_name}; "
+                        "verify that file with 'onprem-label audit verify-export'")
+    valid = []
+    for checkpoint in checkpoints or []:
+        if checkpoint.valid(key):
+            valid.append(checkpoint)
+        else:
+            warnings.append(f"a checkpoint line ({checkpoint.count} events, {checkpoint.at}) does not match "
+                            "its HMAC: the checkpoint file was edited")
+    if bad_checkpoint_lines:
+        warnings.append(f"{bad_checkpoint_lines} line(s) of the checkpoint file are not checkpoints")
+    want = {c.count for c in valid if c.count >= start_id}
+    # A server-side cursor on PostgreSQL: closed here even when the walk stops at a bad event.
+    cursor = conn.execute(_ROWS, execution_options={"stream_results": True, "yield_per": 10_000})
+    try:
+        result, seen = walk((r._mapping for r in cursor), key, start_id=start_id, start_prev=start_prev, want=want)
+    finally:
+        cursor.close()
+    result.warnings = warnings
+    if result.problem is None and result.events == 0 and anchor is not None:
+        result.last_id, result.head = anchor.last_id, anchor.last_hash
+    if result.problem is None:
+        result.problem = _check_checkpoints(valid, result, seen, anchor)
+    result.checkpoints = len(valid)
+    if result.problem is None and len(valid) != len(checkpoints or []):
+        result.problem = Problem("checkpoint", None, "the checkpoint file holds lines not written with the audit key")
+    return result
+
+
+def verify_chain(conn: Connection, chain) -> VerifyResult:
+    """verify_database with the checkpoints of `chain` (an audit.chain.AuditChain), read first."""
+    checkpoints, bad = chain.checkpoints.read() if chain.checkpoints is not None else ([], 0)
+    return verify_database(conn, chain.key, checkpoints, bad)
+
+
+def _check_checkpoints(valid: list[Checkpoint], result: VerifyResult, seen: dict[int, str], anchor) -> Problem | None:
+    """The first checkpoint the chain contradicts, as a problem."""
+    for checkpoint in sorted(valid, key=lambda c: c.count):
+        if checkpoint.count > result.last_id:
+            return Problem("truncated", result.last_id + 1,
+                           f"the log ends at event {result.last_id}, but the checkpoint of {checkpoint.at} saw "
+                           f"{checkpoint.count} events: events {result.last_id + 1}..{checkpoint.count} were cut off")
+        if anchor is not None and checkpoint.count == anchor.last_id:
+            if checkpoint.head != anchor.last_hash:
+                return Problem("truncated", checkpoint.count, f"the archive anchor disagrees with the "
+                               f"checkpoint of {checkpoint.at} at event {checkpoint.count}")
+        elif checkpoint.count in seen and seen[checkpoint.count] != checkpoint.head:
+            return Problem("truncated", checkpoint.count, f"event {checkpoint.count} is not the event the checkpoint "
+                           f"of {checkpoint.at} saw (the tail was cut off and rewritten)")
+    return None
+
+
+_TABLE = AuditEvent.__table__
+_ROWS = _TABLE.select().with_only_columns(*(_TABLE.c[n] for n in (*FIELDS, *CHAIN_FIELDS))).order_by(_TABLE.c.id)
+_ANCHOR = AuditAnchor.__table__.select().order_by(AuditAnchor.__table__.c.last_id.desc()).limit(1)
