@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from onprem_label.audit import AuditAction, record
+from onprem_label.audit.atna import iter_messages
 from onprem_label.audit.archive import ArchiveError, archive_before, verify_archive
 from onprem_label.audit.chain import GENESIS_HASH, audit_key, head
 from onprem_label.audit.export import FORMATS, public_key_hex, signing_key, stream_export, verify_export
@@ -99,8 +100,9 @@ def part_problem(anchor):
 
 
 @audit_group.command("export")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True,
-              help="CSV (formula cells neutralised) or JSON Lines.")
+@click.option("--format", "fmt", type=click.Choice((*FORMATS, "dicom")), default="jsonl", show_default=True,
+              help="CSV (formula cells neutralised) or JSON Lines, both signed; or dicom: DICOM PS3.15 "
+                   "A.5 audit messages (XML) for an audit record repository.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), required=True,
               help="File to write ('-' for stdout).")
 @click.option("--since", default="", help="Events at or after this time (ISO 8601, UTC when no zone).")
@@ -120,7 +122,7 @@ def audit_export(ctx: click.Context, fmt: str, out_path: str, **filters) -> None
         flt = parse_filter({k: v for k, v in filters.items() if v})
     except FilterError as exc:
         raise CliError(str(exc)) from None
-    _, keyring, _, engine, maker = _site(ctx)
+    settings, keyring, _, engine, maker = _site(ctx)
     try:
         with maker() as db:
             up_to, _ = head(db.connection())
@@ -133,7 +135,10 @@ def audit_export(ctx: click.Context, fmt: str, out_path: str, **filters) -> None
         out = sys.stdout.buffer if out_path == "-" else open(out_path, "wb")
         try:
             with read_connection(engine) as conn:
-                for piece in stream_export(stream(conn, flt, up_to=up_to), fmt, signing_key(keyring), meta):
+                events = stream(conn, flt, up_to=up_to)
+                pieces = (iter_messages(events, source_id=settings.audit_source_id) if fmt == "dicom"
+                          else stream_export(events, fmt, signing_key(keyring), meta))
+                for piece in pieces:
                     out.write(piece)
         finally:
             if out is not sys.stdout.buffer:

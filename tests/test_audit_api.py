@@ -192,3 +192,41 @@ def test_cli_verify_fails_with_the_event_after_tampering(data_dir):
     assert result.exit_code == 1 and "FAILED at event 1: missing" in result.output
     bad = run(data, "audit", "archive", "--before", "last tuesday", env=env)
     assert bad.exit_code == 1 and bad.output.startswith("error: 'before' must be an ISO 8601")
+
+
+def test_dicom_audit_message_export(app, auditor):
+    """format=dicom streams one PS3.15 A.5 AuditMessage per event, in one well-formed document."""
+    import xml.etree.ElementTree as ET
+
+    failed_logins(app, "someone")
+    response = auditor.get("/api/v1/audit/export?format=dicom&action=auth:login_failed")
+    assert response.status_code == 200 and response.mimetype == "application/xml"
+    root = ET.fromstring(response.data)
+    messages = root.findall("AuditMessage")
+    assert len(messages) == int(response.headers["X-Audit-Events"]) == 1
+    event_id = messages[0].find("EventIdentification/EventID")
+    assert event_id.get("csd-code") == "110114" and event_id.get("codeSystemName") == "DCM"
+
+
+def test_syslog_forwarding_sends_each_committed_event(settings, keyring, clock):
+    """With audit_syslog_host set, each committed event goes to the LAN collector as RFC 5424."""
+    from test_audit_syslog import Collector
+
+    from onprem_label.app import create_app
+    from onprem_label.config import load_settings
+
+    collector, app = Collector(), None
+    try:
+        forwarding = load_settings({"data_dir": settings.data_dir, "database_url": settings.database_url,
+                                    "audit_syslog_host": "127.0.0.1", "audit_syslog_port": collector.port}, env={})
+        app = create_app(forwarding, clock=clock, keyring=keyring)
+        login(app.test_client(), "nobody-" + "x" * 3, "wrong password")
+        message = collector.get()
+        assert b" auth:login_failed " in message and b"nobody-xxx" in message
+        assert message.startswith(b"<83>1 ")  # authpriv (10) * 8 + err (3): a failure
+    finally:
+        if app is not None:
+            svc = app.extensions["onprem_label"]
+            svc.sessionmaker.kw["info"]["onprem_label.audit_chain"].forwarder.close(timeout=2)
+            svc.engine.dispose()
+        collector.stop()

@@ -390,6 +390,10 @@ def check(world: World, method: str, case: Case) -> None:
     for event in new:  # (anonymous calls that leave events name their account in case.actor)
         assert (event.action, event.actor_id, event.request_id, event.client_addr) == (
             event.action, world.ids[case.actor or case.who], request_id, ADDR)
+        if event.action in (A.IMAGE_READ, A.ITEM_PIXEL_CHECK_CLEAR) or (
+                event.action == A.ITEM_VIEW and event.object_type == "item"):
+            # A read of one item's data names its (de-identified) study, for "who saw this study".
+            assert event.study_uid.startswith("2.25."), (event.action, event.study_uid)
 
 
 # --- the table matches the url_map -----------------------------------------------------------------

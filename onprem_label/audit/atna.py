@@ -21,7 +21,7 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 Code = tuple[str, str, str]  # (csd-code, codeSystemName, originalText)
 
@@ -135,17 +135,23 @@ def audit_message(event: dict[str, Any], *, source_id: str, enterprise_site_id: 
     return ET.tostring(_message(event, source_id, enterprise_site_id), encoding="utf-8", xml_declaration=True)
 
 
+def iter_messages(events: Iterable[dict[str, Any]], *, source_id: str,
+                  enterprise_site_id: str | None = None) -> Iterator[bytes]:
+    """The `<AuditMessages>` document of `events`, piece by piece (an HTTP response streams it)."""
+    yield b"<?xml version='1.0' encoding='utf-8'?>\n<AuditMessages>\n"
+    for event in events:
+        # Render before writing, so an unrenderable event leaves no half message behind it.
+        yield ET.tostring(_message(event, source_id, enterprise_site_id), encoding="utf-8") + b"\n"
+    yield b"</AuditMessages>\n"
+
+
 def write_messages(events: Iterable[dict[str, Any]], out: BinaryIO, *, source_id: str,
                    enterprise_site_id: str | None = None) -> int:
     """Stream events into `out` as one `<AuditMessages>` document; returns how many were written."""
-    out.write(b"<?xml version='1.0' encoding='utf-8'?>\n<AuditMessages>\n")
-    count = 0
-    for event in events:
-        # Render before writing, so an unrenderable event leaves no half message behind it.
-        data = ET.tostring(_message(event, source_id, enterprise_site_id), encoding="utf-8")
-        out.write(data + b"\n")
+    count = -2  # the opening and closing pieces are not messages
+    for piece in iter_messages(events, source_id=source_id, enterprise_site_id=enterprise_site_id):
+        out.write(piece)
         count += 1
-    out.write(b"</AuditMessages>\n")
     return count
 
 

@@ -90,7 +90,8 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
     held = first_of(conn, HELD["reviewing" if review else "labeling"], **params)
     if held is not None:
         record(db, AuditAction.TASK_VIEW, actor=user, object_type="task", object_id=held.id,
-               details={"project_id": held.project_id, "held": True}, context=context, now=now)
+               details={"project_id": held.project_id, "item_id": held.item_id, "held": True},
+               context=context, now=now)
         return Lease(held, _kind(held, review))
     for query in (REVIEW_QUEUES if review else LABEL_QUEUES).values():
         task = first_of(conn, query, **params)
@@ -116,7 +117,8 @@ def _grant(db: Session, task: TaskRow, user: User, review: bool, minutes: int, n
     write_task(db.connection(), task, version)
     lease = Lease(task, _kind(task, review))
     record(db, AuditAction.TASK_LEASE, actor=user, object_type="task", object_id=task.id,
-           details={"project_id": task.project_id, "kind": lease.kind, "from": before, "round": task.round,
+           details={"project_id": task.project_id, "item_id": task.item_id, "kind": lease.kind, "from": before,
+                    "round": task.round,
                     "expires_at": task.lease_expires_at.isoformat()}, context=context, now=now)
     return lease
 

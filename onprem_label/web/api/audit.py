@@ -6,6 +6,7 @@ from flask import Response, jsonify, request, stream_with_context
 from flask_login import current_user
 
 from onprem_label.audit import AuditAction, record
+from onprem_label.audit.atna import iter_messages
 from onprem_label.audit.chain import chain_of, head
 from onprem_label.audit.export import FORMATS, signing_key, stream_export
 from onprem_label.audit.search import FilterError, count_matching, parse_filter, parse_page, search, stream
@@ -17,7 +18,9 @@ from onprem_label.web.context import audit_context, db, now, services
 from onprem_label.web.errors import error_response
 from onprem_label.web.login import require
 
-MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8"}
+MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson; charset=utf-8",
+               "dicom": "application/xml; charset=utf-8"}
+EXPORT_FORMATS = (*FORMATS, "dicom")  # dicom: DICOM PS3.15 A.5 audit messages (audit.atna), unsigned
 
 
 def _actor():
@@ -51,11 +54,11 @@ def audit_search():
 @bp.get("/audit/export")
 @require(Permission.READ_AUDIT)
 def audit_export():
-    """The filtered trail as CSV or JSON Lines (`format`), streamed, with a signed trailer."""
+    """The filtered trail as CSV or JSON Lines (signed trailer) or DICOM audit messages, streamed."""
     fmt = request.args.get("format", "jsonl")
-    if fmt not in FORMATS:
-        return error_response(422, "invalid", f"'format' must be one of {', '.join(FORMATS)}",
-                              errors=[{"field": "format", "message": f"one of {', '.join(FORMATS)}"}])
+    if fmt not in EXPORT_FORMATS:
+        return error_response(422, "invalid", f"'format' must be one of {', '.join(EXPORT_FORMATS)}",
+                              errors=[{"field": "format", "message": f"one of {', '.join(EXPORT_FORMATS)}"}])
     try:
         flt = parse_filter(request.args)
     except FilterError as exc:
@@ -73,11 +76,16 @@ def audit_export():
 
     def body():
         with read_connection(svc.engine) as conn:
-            yield from stream_export(stream(conn, flt, up_to=up_to), fmt, key, meta)
+            events = stream(conn, flt, up_to=up_to)
+            if fmt == "dicom":
+                yield from iter_messages(events, source_id=svc.settings.audit_source_id)
+            else:
+                yield from stream_export(events, fmt, key, meta)
 
     stamp = now().strftime("%Y%m%dT%H%M%SZ")
+    extension = "xml" if fmt == "dicom" else fmt
     return Response(stream_with_context(body()), mimetype=MEDIA_TYPES[fmt], headers={
-        "Content-Disposition": f'attachment; filename="audit-{stamp}.{fmt}"',
+        "Content-Disposition": f'attachment; filename="audit-{stamp}.{extension}"',
         "X-Audit-Events": str(count), "Cache-Control": "no-store"})
 
 

@@ -122,7 +122,7 @@ def get_item(item_id: int):
     if refusal is not None:
         return refusal
     record(db(), AuditAction.ITEM_VIEW, actor=_user(), object_type="item", object_id=item.id,
-           details={"project_id": item.project_id}, context=audit_context(), now=now())
+           details={"project_id": item.project_id}, context=audit_context(), now=now(), study_uid=item.study_uid)
     body = item_json(item)
     db().commit()
     return jsonify(body)
@@ -172,7 +172,7 @@ def clear_pixel_check(item_id: int):
     item.pixel_check_cleared_by, item.pixel_check_cleared_at = user.id, now()
     record(dbs, AuditAction.ITEM_PIXEL_CHECK_CLEAR, actor=user, object_type="item", object_id=item.id,
            details={"project_id": item.project_id, "reasons": item.pixel_check_reasons},
-           context=audit_context(), now=now())
+           context=audit_context(), now=now(), study_uid=item.study_uid)
     body = item_json(item)
     dbs.commit()
     return jsonify(body)
@@ -186,12 +186,13 @@ def _png(item: Item, what: str, frame: int, make, details: dict):
         # The stored image is damaged or missing: a server-side fault, reported without a trace.
         record(dbs, AuditAction.IMAGE_READ, actor=_user(), object_type="item", object_id=item.id,
                outcome="failure", details={"what": what, "frame": frame, "error": type(exc).__name__},
-               context=audit_context(), now=now())
+               context=audit_context(), now=now(), study_uid=item.study_uid)
         dbs.commit()
         return error_response(500, "image_unavailable", "The stored image could not be read; "
                                                         "an operator should run 'onprem-label doctor --storage'.")
     record(dbs, AuditAction.IMAGE_READ, actor=_user(), object_type="item", object_id=item.id,
-           details={"project_id": item.project_id, "what": what, **details}, context=audit_context(), now=now())
+           details={"project_id": item.project_id, "what": what, **details}, context=audit_context(), now=now(),
+           study_uid=item.study_uid)
     dbs.commit()
     return Response(png, mimetype="image/png")  # no-store comes with the security headers
 

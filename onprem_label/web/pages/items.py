@@ -25,7 +25,7 @@ def item(item_id: int):
         abort(404)  # another project's item: as if it did not exist
     record(dbs, AuditAction.ITEM_VIEW, actor=dbs.merge(current_user._get_current_object()), object_type="item",
            object_id=found.id, details={"project_id": found.project_id, "page": True},
-           context=audit_context(), now=now())
+           context=audit_context(), now=now(), study_uid=found.study_uid)
     project = dbs.get(Project, found.project_id)
     page = render_template("items/item.html", item=found, project=project)
     dbs.commit()
