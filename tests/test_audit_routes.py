@@ -119,7 +119,7 @@ class World:
 def _password_step(w: World, client) -> User:
     """The labeler, enrolled in TOTP, has passed the password step on `client`; a fresh code is due."""
     user = w.user("labeler")
-    totp.begin_enrolment(user, w.totp_key)
+    totp.begin_enrolment(w.db, user, w.totp_key, now=w.clock())
     code = totp.current_code(user, w.totp_key, w.clock())
     totp.confirm_enrolment(w.db, user, w.totp_key, code, now=w.clock())
     w.db.commit()
@@ -152,7 +152,7 @@ def _break_glass(w: World, _client) -> Call:
 def _totp_confirm(w: World, _client) -> Call:
     """The code that confirms an enrolment begun a moment ago."""
     user = w.user("labeler")
-    totp.begin_enrolment(user, w.totp_key)  # what POST action=start does (unaudited: nothing is enabled)
+    totp.begin_enrolment(w.db, user, w.totp_key, now=w.clock())  # what POST action=start does
     w.db.commit()
     return Call("/account/totp", data={"code": totp.current_code(user, w.totp_key, w.clock())})
 
@@ -237,7 +237,10 @@ AUDIT: dict[tuple[str, str], Case | dict[str, Case]] = {
                                                            confirm_password=NEW_PASSWORD),
                                            (A.USER_PASSWORD_CHANGE, A.LOGIN_OK), 302),
     ("auth.totp_enrol", "GET"): Case("labeler", path("/account/totp"), READ_ONLY),
-    ("auth.totp_enrol", "POST"): Case("labeler", _totp_confirm, (A.USER_TOTP_ENABLE,)),
+    ("auth.totp_enrol", "POST"): {
+        "start": Case("labeler", form("/account/totp", action="start"), (A.USER_TOTP_START,)),
+        "confirm": Case("labeler", _totp_confirm, (A.USER_TOTP_ENABLE,)),
+    },
     ("home.index", "GET"): Case("labeler", path("/"), READ_ONLY, 302),
     ("home.work", "GET"): Case("labeler", path("/work"), READ_ONLY),
     ("home.manager", "GET"): Case("manager", path("/projects"), READ_ONLY),

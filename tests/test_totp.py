@@ -35,7 +35,7 @@ def enrol(db, user, key, clock) -> list[str]:
 
     The clock then moves to the next time step, so the code used here is not a replay later.
     """
-    totp.begin_enrolment(user, key)
+    totp.begin_enrolment(db, user, key, now=clock())
     codes = totp.confirm_enrolment(db, user, key, totp.current_code(user, key, clock()),
                                    now=clock())
     db.commit()

@@ -26,6 +26,7 @@ class AuditAction(StrEnum):
     USER_PASSWORD_CHANGE = "user:password_change"
     USER_PASSWORD_RESET = "user:password_reset"
     USER_SESSIONS_END = "user:sessions_end"
+    USER_TOTP_START = "user:totp_start"
     USER_TOTP_ENABLE = "user:totp_enable"
     USER_TOTP_DISABLE = "user:totp_disable"
 

@@ -40,11 +40,14 @@ def _totp(secret: bytes) -> TOTP:
     return TOTP(secret, DIGITS, SHA1(), TIME_STEP, enforce_key_length=False)
 
 
-def begin_enrolment(user: User, key: bytes) -> tuple[str, str]:
-    """Give `user` a new, not yet active secret; returns (base32 secret, otpauth URI)."""
+def begin_enrolment(db: Session, user: User, key: bytes, *, context: AuditContext = CONSOLE,
+                    now: datetime) -> tuple[str, str]:
+    """Give `user` a new, not yet active secret (audited); returns (base32 secret, otpauth URI)."""
     secret = os.urandom(20)
     user.totp_secret_sealed = _seal(key, secret, user.id)
     user.totp_enabled = False
+    record(db, AuditAction.USER_TOTP_START, actor=user, object_type="user", object_id=user.id,
+           context=context, now=now)
     uri = _totp(secret).get_provisioning_uri(user.username, ISSUER)
     return base64.b32encode(secret).decode(), uri
 

@@ -190,7 +190,7 @@ def totp_enrol():
     if user.totp_enabled:
         abort(409, description="A second factor is already enrolled; an admin can reset it.")
     if request.form.get("action") == "start":
-        secret, uri = totp.begin_enrolment(user, services().totp_key)
+        secret, uri = totp.begin_enrolment(dbs, user, services().totp_key, context=audit_context(), now=now())
         dbs.commit()
         return render_template("totp_enrol.html", secret=secret, uri=uri, started=True)
     try:
