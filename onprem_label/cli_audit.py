@@ -10,13 +10,13 @@ import click
 
 from onprem_label.audit import AuditAction, record
 from onprem_label.audit.atna import iter_messages
-from onprem_label.audit.archive import ArchiveError, archive_before, verify_archive
+from onprem_label.audit.archive import ArchiveError, archive_before, file_sha256, verify_archive
 from onprem_label.audit.chain import GENESIS_HASH, audit_key, head
 from onprem_label.audit.export import FORMATS, public_key_hex, signing_key, stream_export, verify_export
 from onprem_label.audit.search import FilterError, count_matching, parse_filter, parse_time, stream
 from onprem_label.audit.site import chain_for
 from onprem_label.audit.text import escape_text
-from onprem_label.audit.verify import VerifyResult, verify_chain
+from onprem_label.audit.verify import Problem, VerifyResult, verify_chain
 from onprem_label.clock import utcnow
 from onprem_label.db.engine import read_connection
 from onprem_label.db.models import AuditAnchor
@@ -68,19 +68,12 @@ def audit_verify(ctx: click.Context, as_json: bool, archives: bool) -> None:
 
     settings, _, chain, engine, maker = _site(ctx)
     try:
-        with read_connection(engine) as conn:
+        with read_connection(engine, snapshot=True) as conn:
             result = verify_chain(conn, chain)
             anchors = list(conn.execute(AuditAnchor.__table__.select().order_by(AuditAnchor.__table__.c.last_id)))
         if archives and result.ok:
-            start, prev = 1, GENESIS_HASH
-            for anchor in anchors:
-                path = settings.data_path / "audit" / "archive" / anchor.file_name
-                part = verify_archive(path, chain.key, start_id=start, start_prev=prev)
-                if not part.ok or part.last_id != anchor.last_id or part.head != anchor.last_hash:
-                    result.problem = part.problem or part_problem(anchor)
-                    break
-                start, prev = anchor.last_id + 1, anchor.last_hash
-                result.warnings = [w for w in result.warnings if "were archived" not in w]
+            result.problem = _verify_archives(settings.data_path / "audit" / "archive", chain.key, anchors)
+            result.warnings = [w for w in result.warnings if "were archived" not in w or result.problem]
         with maker() as db:
             record(db, AuditAction.AUDIT_VERIFY, actor_name=console_name(), object_type="audit",
                    outcome="success" if result.ok else "failure",
@@ -91,12 +84,24 @@ def audit_verify(ctx: click.Context, as_json: bool, archives: bool) -> None:
     _print_result(result, as_json, "audit chain")
 
 
-def part_problem(anchor):
-    """The problem of an archive that verifies but does not end where its anchor says."""
-    from onprem_label.audit.verify import Problem
-
-    return Problem("truncated", anchor.last_id, f"archive {anchor.file_name} does not end in event "
-                   f"{anchor.last_id} as its anchor says")
+def _verify_archives(folder: Path, key: bytes, anchors) -> Problem | None:
+    """Each anchor's file: the SHA-256 its anchor holds, and the events its anchor says, linked."""
+    start, prev = 1, GENESIS_HASH
+    for anchor in anchors:
+        # The anchor's HMAC (checked by the chain walk for the last one) binds file_name; it is
+        # still never used as more than a name inside the archive folder.
+        path = folder / Path(anchor.file_name).name
+        if file_sha256(path) != anchor.file_sha256:
+            return Problem("missing" if not path.exists() else "edited", anchor.first_id,
+                           f"archive {path.name} (events {anchor.first_id}..{anchor.last_id}) is missing or altered")
+        part = verify_archive(path, key, start_id=start, start_prev=prev)
+        if not part.ok:
+            return part.problem
+        if part.last_id != anchor.last_id or part.head != anchor.last_hash:
+            return Problem("truncated", anchor.last_id, f"archive {path.name} does not end in event "
+                           f"{anchor.last_id} as its anchor says")
+        start, prev = anchor.last_id + 1, anchor.last_hash
+    return None
 
 
 @audit_group.command("export")
@@ -124,9 +129,10 @@ def audit_export(ctx: click.Context, fmt: str, out_path: str, **filters) -> None
         raise CliError(str(exc)) from None
     settings, keyring, _, engine, maker = _site(ctx)
     try:
+        with read_connection(engine) as conn:
+            up_to, _ = head(conn)
+            count = count_matching(conn, flt, up_to=up_to)
         with maker() as db:
-            up_to, _ = head(db.connection())
-            count = count_matching(db.connection(), flt, up_to=up_to)
             # The export is itself an event, written before the file so it cannot be skipped.
             record(db, AuditAction.AUDIT_EXPORT, actor_name=console_name(), object_type="audit",
                    details={"format": fmt, "filters": flt.as_dict(), "events": count, "up_to": up_to})
@@ -160,7 +166,12 @@ def audit_verify_export(ctx: click.Context, file: str, public_key: str, no_key: 
     """Check an export file: its trailer and signature, then every event's link (and HMAC)."""
     from onprem_label.cli import ask_passphrase, settings_from
 
+    from onprem_label.cli import CliError
+
     key = None
+    if no_key and not public_key:
+        raise CliError("--no-key needs --public-key (the install's key from 'audit export-key', kept "
+                       "off-system): the key a file carries proves nothing about who signed it")
     if not no_key:
         settings = settings_from(ctx.find_root())
         keyring = open_keyring(settings, passphrase=ask_passphrase(settings))

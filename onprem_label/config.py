@@ -153,6 +153,10 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("audit_checkpoint_every", "int", 1000,
             "Write an audit checkpoint each time the log grows past a multiple of this many events.",
             minimum=1, maximum=10_000_000),
+    Setting("audit_checkpoint_minutes", "int", 10,
+            "Also write an audit checkpoint when this many minutes have passed since the last one "
+            "(at the first event after start, too), so a quiet site's newest events are covered.",
+            minimum=1, maximum=10_080),
     Setting("audit_syslog_host", "str", "",
             "Forward every audit event as RFC 5424 syslog over TCP to this host on the LAN "
             "(empty: no forwarding). The database stays the record; forwarding never delays a request.",

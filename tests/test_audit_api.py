@@ -61,7 +61,8 @@ def test_search_filters_pages_and_records_itself(app, auditor, db):
                                           ("action=not-an-action", "action"), ("limit=0", "limit"),
                                           ("limit=100000", "limit"), ("before=-3", "before"),
                                           ("since=2026-02-01&until=2026-01-01", "until"),
-                                          ("actor=" + "x" * 65, "actor")])
+                                          ("actor=" + "x" * 65, "actor"), ("limit=%C2%B2", "limit"),
+                                          ("since=9999-12-31T23:59:59-01:00", "since")])
 def test_a_malformed_filter_is_a_422_naming_the_field(auditor, query, field):
     """Bad search input gets a JSON 422 that names the parameter, never a 500."""
     response = auditor.get(f"/api/v1/audit?{query}")
@@ -107,9 +108,17 @@ def test_exports_are_signed_events_that_verify_offline(app, auditor, db, tmp_pat
         assert verify_export(path, public_key=public).problem.kind == "edited"
         path.write_bytes(body[: body.rfind(b"\n", 0, len(body) - 1) + 1])  # the trailer cut off
         assert verify_export(path, public_key=public).problem.kind == "truncated"
+    # The metadata is signed too: dropping a filter from the trailer cannot pass a partial export off
+    # as the whole chain.
+    partial = auditor.get("/api/v1/audit/export?format=csv&action=auth:login_failed").get_data(as_text=True)
+    path = tmp_path / "partial.csv"
+    forged = partial.replace('""filters"": {""action"": ""auth:login_failed""}', '""filters"": {}')
+    assert forged != partial
+    path.write_text(forged, newline="")
+    assert verify_export(path, public_key=public).problem.kind == "edited"
     # Each export was recorded (with its count) before its first byte was sent.
     exports = db.scalars(select(AuditEvent).where(AuditEvent.action == "audit:export")).all()
-    assert len(exports) == 2 and all(e.details["events"] > 0 for e in exports)
+    assert len(exports) == 3 and all(e.details["events"] > 0 for e in exports)
 
 
 def test_verify_api_and_page_name_the_first_bad_event(app, auditor, db):
@@ -125,6 +134,32 @@ def test_verify_api_and_page_name_the_first_bad_event(app, auditor, db):
     page = auditor.get("/audit-log/verify").data
     assert b'data-ok="false"' in page and b'data-event-id="2"' in page
     assert db.scalars(select(AuditEvent.outcome).where(AuditEvent.action == "audit:verify")).all()[-1] == "failure"
+
+
+def test_another_projects_item_is_a_404_that_is_audited(app, client, make_user, db):
+    """Guessing the id of an item in a project one is not part of leaves auth:access_denied."""
+    from imaging_helpers import make_dicom, new_project
+    from onprem_label.imaging.ingest import IngestTarget, ingest_stream
+
+    svc = app.extensions["onprem_label"]
+    project = new_project(db)
+    result = ingest_stream(db, svc.store, IngestTarget(project, "test", actor_name="test"), svc.ingest_options,
+                           io.BytesIO(make_dicom()), "a.dcm", now=datetime_now())
+    db.commit()
+    make_user("lena", "labeler")
+    login(client, "lena")
+    for path in (f"/api/v1/items/{result.item_id}", f"/api/v1/items/{result.item_id}/image", f"/items/{result.item_id}"):
+        assert client.get(path).status_code == 404
+    denied = db.scalars(select(AuditEvent).where(AuditEvent.action == "auth:access_denied")).all()
+    assert [e.details["reason"] for e in denied] == ["not_found_or_not_a_member"] * 3
+    assert {e.actor_name for e in denied} == {"lena"}
+
+
+def datetime_now():
+    """Now, in UTC."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
 
 
 def test_the_log_page_escapes_control_characters(app, auditor):
@@ -167,12 +202,18 @@ def test_cli_verify_export_archive_and_checkpoint(data_dir, tmp_path):
     assert offline.exit_code == 0, offline.output
     wrong = run(data, "audit", "verify-export", str(out), "--no-key", "--public-key", "00" * 32, env=env)
     assert wrong.exit_code == 1 and "signature" in wrong.output
+    unchecked = run(data, "audit", "verify-export", str(out), "--no-key", env=env)
+    assert unchecked.exit_code == 1 and "--public-key" in unchecked.output
     archived = run(data, "audit", "archive", "--before", "2999-01-01", env=env)
     assert archived.exit_code == 0 and "archived events 1.." in archived.output, archived.output
     after = run(data, "audit", "verify", "--json", env=env)
     assert after.exit_code == 0 and json.loads(after.output.splitlines()[0])["ok"] is True
     again = run(data, "audit", "archive", "--before", "2000-01-01", env=env)
     assert again.exit_code == 1 and again.output.startswith("error: no events before")
+    for archive in (data / "audit" / "archive").iterdir():
+        archive.rename(archive.with_suffix(".moved"))
+    lost = run(data, "audit", "verify", env=env)
+    assert lost.exit_code == 1 and "FAILED at event 1: missing" in lost.output, lost.output
 
 
 def test_cli_verify_fails_with_the_event_after_tampering(data_dir):

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from onprem_label.audit import AuditAction, record
 from onprem_label.audit.archive import ArchiveError, archive_before, guard_lifted, read_archive, verify_archive
@@ -28,7 +28,8 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 def site(settings, tmp_path):
     """(engine, sessionmaker with a chain, chain) on a fresh database; checkpoints in tmp_path."""
     engine = make_engine(settings.effective_database_url)
-    chain = AuditChain(key=KEY, checkpoints=CheckpointLog(tmp_path / "checkpoints.log", KEY), checkpoint_every=10)
+    chain = AuditChain(key=KEY, checkpoints=CheckpointLog(tmp_path / "checkpoints.log", KEY), checkpoint_every=10,
+                       checkpoint_seconds=0)  # by count only, so the tests know where they are
     maker = make_sessionmaker(engine)
     attach(maker, chain)
     yield engine, maker, chain
@@ -91,16 +92,96 @@ def test_rollback_drops_queued_events_and_a_savepoint_rollback_keeps_the_outer_o
     assert verify(engine, chain).ok
 
 
-def test_a_session_without_a_key_cannot_commit_events(settings):
-    """An event that cannot be sealed is an error at commit, never an unchained row."""
+def test_a_session_without_a_key_cannot_record_events(settings):
+    """An event that cannot be sealed is refused when recorded, never written as an unchained row."""
     engine = make_engine(settings.effective_database_url)
     try:
         with make_sessionmaker(engine)() as db:
-            record(db, AuditAction.IMAGE_READ, actor_name="x")
             with pytest.raises(AuditKeyMissing):
-                db.commit()
+                record(db, AuditAction.IMAGE_READ, actor_name="x")
     finally:
         engine.dispose()
+
+
+def test_savepoints_keep_exactly_the_events_of_the_work_that_stays(site):
+    """A failed flush in a savepoint keeps earlier events; a rolled-back savepoint drops its own, even
+    ones from a savepoint released inside it; nothing is sealed before the outermost COMMIT."""
+    engine, maker, chain = site
+    forwarded = []
+    chain.after_commit.append(forwarded.extend)
+    try:
+        with maker() as db:
+            record(db, AuditAction.IMAGE_READ, actor_name="before")
+            with pytest.raises(IntegrityError), db.begin_nested():
+                db.add(AuditAnchor(id=1, archived_at=T0, first_id=1, last_id=1, last_hash="0" * 64, file_name="x",
+                                   file_sha256="0" * 64, mac="0" * 64))
+                db.add(AuditAnchor(id=1, archived_at=T0, first_id=2, last_id=2, last_hash="0" * 64, file_name="y",
+                                   file_sha256="0" * 64, mac="0" * 64))
+                db.flush()
+            outer = db.begin_nested()
+            inner = db.begin_nested()
+            record(db, AuditAction.IMAGE_READ, actor_name="undone")
+            inner.commit()  # released, but inside `outer`
+            outer.rollback()
+            record(db, AuditAction.IMAGE_READ, actor_name="after")
+            db.commit()
+    finally:
+        chain.after_commit.remove(forwarded.extend)
+    with maker() as db:
+        assert list(db.scalars(select(AuditEvent.actor_name).order_by(AuditEvent.id))) == ["before", "after"]
+    assert [e["actor_name"] for e in forwarded] == ["before", "after"] and verify(engine, chain).ok
+
+
+def test_a_failed_checkpoint_write_does_not_fail_the_commit(site, tmp_path):
+    """The events are committed before the checkpoint is written: its failure is logged, not raised."""
+    engine, maker, chain = site
+    chain.checkpoints.path = tmp_path / "not-a-dir"
+    chain.checkpoints.path.write_text("")
+    chain.checkpoints.path = chain.checkpoints.path / "checkpoints.log"  # its parent is a file
+    add_events(maker, 12)
+    with maker() as db:
+        assert db.scalar(select(func.count()).select_from(AuditEvent)) == 12
+
+
+def test_a_checkpoint_is_also_written_after_a_quiet_while(settings, tmp_path):
+    """With few events, a checkpoint still follows the first commit and then every checkpoint_seconds."""
+    engine = make_engine(settings.effective_database_url)
+    chain = AuditChain(key=KEY, checkpoints=CheckpointLog(tmp_path / "c.log", KEY), checkpoint_every=1000,
+                       checkpoint_seconds=3600)
+    maker = make_sessionmaker(engine)
+    attach(maker, chain)
+    try:
+        add_events(maker, 3)
+        assert [c.count for c in chain.checkpoints.read()[0]] == [1]
+        chain.checkpoints.last_written -= 3601
+        add_events(maker, 1)
+        assert [c.count for c in chain.checkpoints.read()[0]] == [1, 4]
+    finally:
+        engine.dispose()
+
+
+def test_details_read_back_exactly_as_hashed(site):
+    """Floats, non-string keys and NUL in details are made stable before hashing (JSONB rewrites them)."""
+    engine, maker, chain = site
+    with maker() as db:
+        record(db, AuditAction.IMAGE_READ, actor_name="x",
+               details={"big": 1e16, "neg": -0.0, 2: "two", 10: "ten", "nul": "a\x00b", "nested": [{"f": 0.1}]})
+        db.commit()
+    with maker() as db:
+        details = db.scalar(select(AuditEvent.details))
+    assert details == {"big": "1e+16", "neg": "-0.0", "2": "two", "10": "ten", "nul": "a\ufffdb",
+                       "nested": [{"f": "0.1"}]}
+    assert verify(engine, chain).ok
+
+
+@pytest.mark.parametrize("column, value", [("hash", "é" * 64), ("prev_hash", "zz"), ("hash", "A" * 64)])
+def test_a_malformed_hash_field_is_named_not_a_crash(site, column, value):
+    """Non-hex or non-ASCII hash fields are reported as an edited event, never an exception."""
+    engine, maker, chain = site
+    add_events(maker, 4)
+    tamper(engine, f"UPDATE audit_events SET {column} = :v WHERE id = 3", params={"v": value})
+    result = verify(engine, chain)
+    assert (result.problem.kind, result.problem.event_id) == ("edited", 3)
 
 
 GUARDED = {
@@ -108,6 +189,8 @@ GUARDED = {
     "delete": "DELETE FROM audit_events WHERE id = 2",
     # SQLite's TRUNCATE is a DELETE without WHERE; PostgreSQL's TRUNCATE fires no row trigger.
     "truncate": {"sqlite": "DELETE FROM audit_events", "postgresql": "TRUNCATE audit_events"},
+    "anchor update": "UPDATE audit_anchors SET last_id = 1",
+    "anchor delete": "DELETE FROM audit_anchors",
 }
 
 
@@ -116,11 +199,15 @@ def test_triggers_refuse_update_delete_and_truncate(site, backend, what):
     """The table is append-only in the database itself, for any client."""
     engine, maker, chain = site
     add_events(maker, 3)
+    with engine.begin() as conn:
+        conn.execute(AuditAnchor.__table__.insert(), {"archived_at": T0, "first_id": 1, "last_id": 0, "last_hash": "0" * 64,
+                                                      "file_name": "x", "file_sha256": "0" * 64, "mac": "0" * 64})
     statement = GUARDED[what] if isinstance(GUARDED[what], str) else GUARDED[what][backend]
     with pytest.raises(DBAPIError, match="append-only"):
         with engine.begin() as conn:
             conn.execute(text(statement))
-    assert verify(engine, chain).events == 3
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM audit_events")).scalar() == 3
 
 
 def _forge(engine, row_id: int, key: bytes) -> None:

@@ -25,13 +25,22 @@ SQLITE_TRIGGERS = (
     "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END",
     "CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events "
     "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END",
+    # Anchors are never changed either (an archive only adds one).
+    "CREATE TRIGGER audit_anchors_no_update BEFORE UPDATE ON audit_anchors "
+    "BEGIN SELECT RAISE(ABORT, 'audit_anchors is append-only'); END",
+    "CREATE TRIGGER audit_anchors_no_delete BEFORE DELETE ON audit_anchors "
+    "BEGIN SELECT RAISE(ABORT, 'audit_anchors is append-only'); END",
 )
 PG_TRIGGERS = (
     "CREATE OR REPLACE FUNCTION onprem_label_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-    "$$ BEGIN RAISE EXCEPTION 'audit_events is append-only' USING ERRCODE = 'insufficient_privilege'; END $$",
+    "$$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'insufficient_privilege'; END $$",
     "CREATE TRIGGER audit_events_no_update BEFORE UPDATE OR DELETE ON audit_events "
     "FOR EACH ROW EXECUTE FUNCTION onprem_label_audit_append_only()",
     "CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION onprem_label_audit_append_only()",
+    "CREATE TRIGGER audit_anchors_no_change BEFORE UPDATE OR DELETE ON audit_anchors "
+    "FOR EACH ROW EXECUTE FUNCTION onprem_label_audit_append_only()",
+    "CREATE TRIGGER audit_anchors_no_truncate BEFORE TRUNCATE ON audit_anchors "
     "FOR EACH STATEMENT EXECUTE FUNCTION onprem_label_audit_append_only()",
 )
 
@@ -75,10 +84,14 @@ def downgrade() -> None:
     if bind.dialect.name == "postgresql":
         op.execute("DROP TRIGGER IF EXISTS audit_events_no_update ON audit_events")
         op.execute("DROP TRIGGER IF EXISTS audit_events_no_truncate ON audit_events")
+        op.execute("DROP TRIGGER IF EXISTS audit_anchors_no_change ON audit_anchors")
+        op.execute("DROP TRIGGER IF EXISTS audit_anchors_no_truncate ON audit_anchors")
         op.execute("DROP FUNCTION IF EXISTS onprem_label_audit_append_only()")
     else:
         op.execute("DROP TRIGGER IF EXISTS audit_events_no_update")
         op.execute("DROP TRIGGER IF EXISTS audit_events_no_delete")
+        op.execute("DROP TRIGGER IF EXISTS audit_anchors_no_update")
+        op.execute("DROP TRIGGER IF EXISTS audit_anchors_no_delete")
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.drop_index('ix_audit_events_object')
         batch_op.drop_column('hash')

@@ -180,7 +180,7 @@ def archive_before(session: Session, before: datetime, folder: Path, *, now: dat
         conn.execute(delete(table).where(table.c.id <= last_id))
     conn.execute(insert(AuditAnchor.__table__).values(
         archived_at=now, first_id=first_id, last_id=last_id, last_hash=last_hash, file_name=path.name,
-        file_sha256=file_sha256, mac=anchor_mac(chain.key, last_id, last_hash, file_sha256)))
+        file_sha256=file_sha256, mac=anchor_mac(chain.key, first_id, last_id, last_hash, path.name, file_sha256)))
     record(session, AuditAction.AUDIT_ARCHIVE, actor_name=actor_name, object_type="audit",
            object_id=f"{first_id}-{last_id}", details={"before": before.isoformat(), "events": last_id - first_id + 1,
                                                        "file": path.name, "sha256": file_sha256},
@@ -197,10 +197,23 @@ def verify_archive(path: Path, key: bytes, *, start_id: int = 1, start_prev: str
     """Walk an archive file as the stretch of the chain starting at `start_id`."""
     try:
         result, _ = walk(read_archive(path, key), key, start_id=start_id, start_prev=start_prev)
-    except ArchiveError as exc:
+    except (ArchiveError, OSError, ValueError) as exc:  # altered, missing, or not JSON inside
         result = VerifyResult()
-        result.problem = Problem("edited", None, str(exc))
+        result.problem = Problem("edited" if not isinstance(exc, FileNotFoundError) else "missing", start_id,
+                                 f"archive {path.name}: {exc}")
     return result
+
+
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of a file, hex (None when it cannot be read)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +37,7 @@ AUDIT_KEY_PURPOSE = "audit-chain"
 # pg_advisory_xact_lock key: the low 63 bits of sha256("onprem-label audit chain").
 PG_CHAIN_LOCK = int.from_bytes(hashlib.sha256(b"onprem-label audit chain").digest()[:8], "big") >> 1
 PENDING_KEY = "onprem_label.audit_pending"
+log = logging.getLogger("onprem_label.audit")
 CHAIN_KEY = "onprem_label.audit_chain"
 
 # Canonical field order; never reorder (a new field means a new FORMAT_VERSION).
@@ -94,9 +97,10 @@ def checkpoint_mac(key: bytes, count: int, head: str, at: str) -> str:
     return hmac.digest(key, f"checkpoint|{count}|{head}|{at}".encode(), "sha256").hex()
 
 
-def anchor_mac(key: bytes, last_id: int, last_hash: str, file_sha256: str) -> str:
-    """The HMAC of an archive anchor: where the chain continues after the archived prefix."""
-    return hmac.digest(key, f"anchor|{last_id}|{last_hash}|{file_sha256}".encode(), "sha256").hex()
+def anchor_mac(key: bytes, first_id: int, last_id: int, last_hash: str, file_name: str, file_sha256: str) -> str:
+    """The HMAC of an archive anchor: which file holds events first_id..last_id, and where the chain goes on."""
+    message = json.dumps(["anchor", first_id, last_id, last_hash, file_name, file_sha256], separators=(",", ":"))
+    return hmac.digest(key, message.encode(), "sha256").hex()
 
 
 @dataclass
@@ -106,9 +110,17 @@ class AuditChain:
     key: bytes = field(repr=False)
     checkpoints: Any = None  # audit.checkpoints.CheckpointLog, or None (tests, tools)
     checkpoint_every: int = 1000
+    checkpoint_seconds: float = 600.0  # also at least this often while events are written
     # Called after COMMIT with the sealed events (syslog forwarding); must never raise or block.
     after_commit: list[Callable[[list[dict]], None]] = field(default_factory=list)
     forwarder: Any = None  # audit.syslog.SyslogForwarder when forwarding is on
+
+
+    def checkpoint_due(self, first_id: int, last_id: int) -> bool:
+        """True when a commit of events first_id..last_id should leave a checkpoint."""
+        crossed = self.checkpoint_every > 0 and last_id // self.checkpoint_every != (first_id - 1) // self.checkpoint_every
+        stale = self.checkpoint_seconds > 0 and time.monotonic() - self.checkpoints.last_written >= self.checkpoint_seconds
+        return crossed or stale
 
 
 class LazyAuditChain:
@@ -136,9 +148,36 @@ def chain_of(session: Session) -> AuditChain:
 
 
 def queue(session: Session, row: dict[str, Any]) -> None:
-    """Add an unsealed event to the session's transaction; it is sealed and written at COMMIT."""
+    """Add an unsealed event to the session's transaction; it is sealed and written at COMMIT.
+
+    The event is tagged with the savepoint it was recorded in, so rolling that savepoint back
+    drops it and nothing else.
+    """
+    chain_of(session)  # the key first: a passphrase prompt must never wait inside a write transaction
     session.connection()  # begin now: on SQLite the write lock, the same moment as before the chain
-    session.info.setdefault(PENDING_KEY, []).append(row)
+    row = {**row, "details": stable_json(row["details"])}
+    session.info.setdefault(PENDING_KEY, []).append((session.get_nested_transaction(), row))
+
+
+def stable_json(value: Any) -> Any:
+    """`value` as JSON that reads back identical from SQLite's JSON and PostgreSQL's JSONB.
+
+    JSONB rewrites some numbers (1e16 comes back an integer, -0.0 as 0.0) and reorders keys that
+    were not strings; NUL cannot be stored at all. An event whose stored details differ from the
+    hashed ones would fail verification for ever, so floats become their exact decimal text,
+    keys become strings and NUL becomes U+FFFD before the event is hashed.
+    """
+    if isinstance(value, dict):
+        return {str(k).replace("\x00", "\ufffd"): stable_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [stable_json(v) for v in value]
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    return str(value)
 
 
 def head(conn: Connection) -> tuple[int, str]:
@@ -175,11 +214,11 @@ def append(conn: Connection, key: bytes, rows: Iterable[dict[str, Any]]) -> list
 
 def seal_pending(session: Session) -> list[dict[str, Any]]:
     """Seal and insert the events queued in `session` (the before_commit hook calls this)."""
-    rows = session.info.pop(PENDING_KEY, None)
-    if not rows:
+    pending = session.info.pop(PENDING_KEY, None)
+    if not pending:
         return []
     chain = chain_of(session)
-    sealed = append(session.connection(), chain.key, rows)
+    sealed = append(session.connection(), chain.key, [row for _, row in pending])
     session.info.setdefault(_SEALED_KEY, []).extend(sealed)
     return sealed
 
@@ -194,8 +233,11 @@ def install_session_hooks() -> None:
 
 
 def _before_commit(session: Session) -> None:
-    if session.info.get(PENDING_KEY):
-        seal_pending(session)
+    if session.in_nested_transaction() or not session.info.get(PENDING_KEY):
+        return  # a savepoint released: events are sealed only by the outermost COMMIT
+    # Flush first: the ORM's own UPDATEs take their row locks before the chain lock, never under it.
+    session.flush()
+    seal_pending(session)
 
 
 def _after_commit(session: Session) -> None:
@@ -203,19 +245,37 @@ def _after_commit(session: Session) -> None:
     if not sealed:
         return
     chain = chain_of(session)
-    if chain.checkpoints is not None and chain.checkpoint_every > 0:
-        last = sealed[-1]["id"]
-        if last // chain.checkpoint_every != (sealed[0]["id"] - 1) // chain.checkpoint_every:
-            chain.checkpoints.write(last, sealed[-1]["hash"])
+    # The events are committed: nothing here may fail the request that wrote them.
+    if chain.checkpoints is not None:
+        try:
+            if chain.checkpoint_due(sealed[0]["id"], sealed[-1]["id"]):
+                chain.checkpoints.write(sealed[-1]["id"], sealed[-1]["hash"])
+        except OSError:
+            log.exception("audit checkpoint not written (the events are committed; the next one retries)")
     for hook in chain.after_commit:
-        hook(sealed)
+        try:
+            hook(sealed)
+        except Exception:  # a forwarder's bug must not turn a committed change into a 500
+            log.exception("audit after-commit hook failed")
 
 
 def _after_soft_rollback(session: Session, previous_transaction) -> None:
-    # A savepoint's rollback keeps the outer transaction's events; the outer rollback drops them.
-    if not previous_transaction.nested:
+    if previous_transaction.parent is None:  # the whole transaction: its events go with it
         session.info.pop(PENDING_KEY, None)
         session.info.pop(_SEALED_KEY, None)
+    elif previous_transaction.nested:  # a savepoint: only the events recorded inside it
+        pending = session.info.get(PENDING_KEY)
+        if pending:
+            pending[:] = [(tag, row) for tag, row in pending if not _inside(tag, previous_transaction)]
+
+
+def _inside(tag, savepoint) -> bool:
+    """True when a savepoint `tag` is `savepoint` or nested in it."""
+    while tag is not None:
+        if tag is savepoint:
+            return True
+        tag = tag.parent
+    return False
 
 
 def seal_legacy(conn: Connection, key: bytes) -> int:
@@ -252,13 +312,14 @@ def audit_key(keyring) -> bytes:
     return keyring.purpose_key(AUDIT_KEY_PURPOSE)
 
 
-def make_chain(keyring, checkpoint_path: Path | None = None, every: int = 1000) -> AuditChain:
+def make_chain(keyring, checkpoint_path: Path | None = None, every: int = 1000,
+               seconds: float = 600.0) -> AuditChain:
     """An AuditChain for a data directory's keyring and checkpoint file."""
     from onprem_label.audit.checkpoints import CheckpointLog
 
     key = audit_key(keyring)
-    log = CheckpointLog(checkpoint_path, key) if checkpoint_path is not None else None
-    return AuditChain(key=key, checkpoints=log, checkpoint_every=every)
+    checkpoints = CheckpointLog(checkpoint_path, key) if checkpoint_path is not None else None
+    return AuditChain(key=key, checkpoints=checkpoints, checkpoint_every=every, checkpoint_seconds=seconds)
 
 
 _SEALED_KEY = "onprem_label.audit_sealed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,9 @@ class Checkpoint:
 
     def valid(self, key: bytes) -> bool:
         """True when the HMAC matches (the line was written with the audit key)."""
-        import hmac
+        from onprem_label.audit.verify import is_hex64, same
 
-        return hmac.compare_digest(self.mac, checkpoint_mac(key, self.count, self.head, self.at))
+        return is_hex64(self.head) and same(self.mac, checkpoint_mac(key, self.count, self.head, self.at))
 
 
 def make_checkpoint(key: bytes, count: int, head: str) -> Checkpoint:
@@ -59,6 +60,7 @@ class CheckpointLog:
 
     def __init__(self, path: Path, key: bytes) -> None:
         self.path, self._key, self._lock = Path(path), key, threading.Lock()
+        self.last_written = float("-inf")  # time.monotonic() of this process's last write
 
     def write(self, count: int, head: str) -> Checkpoint:
         """Append a checkpoint and sync it to disk."""
@@ -72,6 +74,7 @@ class CheckpointLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self.last_written = time.monotonic()
         return checkpoint
 
     def read(self) -> tuple[list[Checkpoint], int]:

@@ -106,8 +106,8 @@ def stream_export(events: Iterable[dict[str, Any]], fmt: str, key: Ed25519Privat
     if pending:
         yield out("".join(pending))
     sha = digest.hexdigest()
-    trailer = {"count": count, "sha256": sha, "signature": key.sign(_signed(sha)).hex(),
-               "public_key": public_key_hex(key), **meta}
+    trailer = {"count": count, "sha256": sha, "meta": meta,
+               "signature": key.sign(_signed(sha, count, meta)).hex(), "public_key": public_key_hex(key)}
     if fmt == "jsonl":
         yield (json.dumps({"end": trailer}, ensure_ascii=False, sort_keys=True) + "\n").encode()
     else:
@@ -122,6 +122,7 @@ class ExportFile:
     events: list[dict[str, Any]]
     trailer: dict[str, Any] | None
     body_sha256: str
+    header: dict[str, Any] | None = None  # JSON Lines only: the first line
 
 
 def read_export(path: Path) -> ExportFile:
@@ -148,9 +149,9 @@ def _read_jsonl(text: str) -> ExportFile:
         events = [json.loads(line) for line in lines[1:]]
     except ValueError:
         raise ExportError("a line of the JSON Lines export is not JSON") from None
-    if header.get("onprem_label_audit_export") != 1:
+    if not isinstance(header, dict) or header.get("onprem_label_audit_export") != 1:
         raise ExportError("not an onprem-label audit export (unknown header line)")
-    return ExportFile("jsonl", events, trailer, hashlib.sha256(body.encode()).hexdigest())
+    return ExportFile("jsonl", events, trailer, hashlib.sha256(body.encode()).hexdigest(), header)
 
 
 def _read_csv(text: str) -> ExportFile:
@@ -181,36 +182,52 @@ def _event_from_cells(row: list[str]) -> dict[str, Any]:
 
 def verify_export(path: Path, *, public_key: str | None = None, audit_key: bytes | None = None) -> VerifyResult:
     """Check an export: trailer, digest, signature (with `public_key`, else the one it carries),
-    then the events' links (and with `audit_key`, their HMACs)."""
+    then the events' links (and with `audit_key`, their HMACs).
+
+    The signature covers the body's digest, the count and the export's metadata (filters, the head
+    it was cut at, its time), so none of them can be edited; an unfiltered export must end at the
+    head it names.
+    """
     try:
         export = read_export(path)
-    except (ExportError, UnicodeDecodeError, OSError) as exc:
+        trailer = export.trailer
+        if trailer is None:
+            return _failed("truncated", None, "the export has no trailer: it was cut short")
+        count, sha, meta = trailer["count"], trailer["sha256"], trailer["meta"]
+        signature, carried = bytes.fromhex(trailer["signature"]), trailer.get("public_key", "")
+        if not isinstance(meta, dict):
+            raise ExportError("the trailer's metadata is not an object")
+    except (ExportError, UnicodeDecodeError, OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
         return _failed("edited", None, f"cannot read the export: {exc}")
-    trailer = export.trailer
-    if trailer is None:
-        return _failed("truncated", None, "the export has no trailer: it was cut short")
-    if trailer.get("sha256") != export.body_sha256 or trailer.get("count") != len(export.events):
+    if sha != export.body_sha256 or count != len(export.events):
         return _failed("edited", None, "the export's lines do not match its trailer (lines edited, added or removed)")
+    if export.header is not None and export.header != {"onprem_label_audit_export": 1, **meta}:
+        return _failed("edited", None, "the export's header line does not match its signed trailer")
     warnings = []
-    given = public_key or trailer.get("public_key", "")
+    given = public_key or carried
     if not public_key:
-        warnings.append("checked against the public key the file carries: compare it with your own copy "
-                        f"({given})")
+        warnings.append(f"checked against the public key the file carries: compare it with your own copy ({given})")
     try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(given)).verify(
-            bytes.fromhex(trailer.get("signature", "")), _signed(export.body_sha256))
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(given)).verify(signature, _signed(sha, count, meta))
     except (InvalidSignature, ValueError):
         return _failed("edited", None, "the export's signature does not match (edited, or not signed by this install)")
-    contiguous = not trailer.get("filters")
-    result, _ = walk(iter(export.events), audit_key, start_id=None, start_prev=None, contiguous=contiguous)
+    filters = meta.get("filters") or {}
+    result, _ = walk(iter(export.events), audit_key, start_id=None, start_prev=None, contiguous=not filters)
+    if result.ok and not filters and export.events and result.last_id != meta.get("up_to"):
+        result.problem = Problem("truncated", result.last_id + 1, f"the export names head {meta.get('up_to')} "
+                                 f"but its events end at {result.last_id}")
+    warnings.append(f"signed: exported {meta.get('exported_at')}, up to event {meta.get('up_to')}, "
+                    f"filters {json.dumps(filters, sort_keys=True) if filters else 'none (the whole chain)'}")
     if audit_key is None:
         warnings.append("no audit key: links checked, event HMACs not (run on the server to check them)")
     result.warnings = warnings
     return result
 
 
-def _signed(sha256_hex: str) -> bytes:
-    return b"onprem-label audit export v1|" + sha256_hex.encode()
+def _signed(sha256_hex: str, count: int, meta: dict[str, Any]) -> bytes:
+    body = json.dumps({"count": count, "sha256": sha256_hex, "meta": meta}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+    return b"onprem-label audit export v1|" + body.encode()
 
 
 def _failed(kind: str, event_id: int | None, message: str) -> VerifyResult:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
-from sqlalchemy import Connection, Select, func, select
+from sqlalchemy import Connection, Select, func, or_, select
 
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.chain import CHAIN_FIELDS, FIELDS, event_dict
@@ -46,7 +46,9 @@ class AuditFilter:
         if self.until is not None:
             out.append(c.ts < self.until)
         if self.actor:
-            out.append(func.lower(c.actor_name) == self.actor)  # failed logins keep the name as typed
+            # Failed logins keep the name as typed; SQLite's lower() folds ASCII only, so the exact
+            # spelling matches too.
+            out.append(or_(c.actor_name == self.actor, func.lower(c.actor_name) == self.actor.lower()))
         if self.action:
             # "task:" means every task action; a whole name means that one.
             out.append(c.action.startswith(self.action, autoescape=True) if self.action.endswith(":")
@@ -78,9 +80,9 @@ def parse_time(field: str, raw: str) -> datetime:
     """ISO 8601 date or date-time; without a zone it is UTC."""
     try:
         value = datetime.fromisoformat(raw.strip())
-    except ValueError:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # OverflowError: a zone that pushes year 9999 over the edge
         raise FilterError(field, f"'{field}' must be an ISO 8601 date or date-time, e.g. 2026-12-01T08:00") from None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def parse_filter(args: Mapping[str, str]) -> AuditFilter:
@@ -95,7 +97,7 @@ def parse_filter(args: Mapping[str, str]) -> AuditFilter:
         if raw.strip():
             if len(raw) > limit:
                 raise FilterError(name, f"'{name}' must be at most {limit} characters")
-            values[name] = raw.lower() if name == "actor" else raw
+            values[name] = raw
     action = values.get("action")
     if action and not action.endswith(":") and action not in _ACTIONS:
         raise FilterError("action", "'action' must be a known action (e.g. image:read) or a prefix ending "
@@ -157,7 +159,7 @@ def _positive(args: Mapping[str, str], name: str) -> int | None:
     raw = args.get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or not 0 < int(raw) < 2**31:
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 2**31:  # isdigit alone takes '²' 
         raise FilterError(name, f"'{name}' must be a positive whole number")
     return int(raw)
 

@@ -8,7 +8,8 @@ from onprem_label.config import Settings
 
 def chain_for(settings: Settings, keyring) -> AuditChain:
     """The chain a server or CLI command of `settings` seals its events with."""
-    chain = make_chain(keyring, settings.audit_checkpoint_path, settings.audit_checkpoint_every)
+    chain = make_chain(keyring, settings.audit_checkpoint_path, settings.audit_checkpoint_every,
+                       settings.audit_checkpoint_minutes * 60)
     if settings.audit_syslog_host:
         from onprem_label.audit.syslog import SyslogForwarder
 

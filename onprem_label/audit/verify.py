@@ -12,6 +12,7 @@ The first bad event is named with what is wrong with it:
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -57,6 +58,16 @@ class VerifyResult:
                 "warnings": self.warnings}
 
 
+def is_hex64(value: Any) -> bool:
+    """True for 64 lowercase hex digits (a SHA-256 in hex); anything else in a hash field is tampering."""
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+def same(a: Any, b: str) -> bool:
+    """Constant-time equality that is False (never an exception) for a malformed stored value."""
+    return is_hex64(a) and hmac.compare_digest(a, b)
+
+
 def walk(rows: Iterable[Any], key: bytes | None, *, start_id: int | None = 1, start_prev: str | None = GENESIS_HASH,
          want: set[int] | None = None, contiguous: bool = True) -> tuple[VerifyResult, dict[int, str]]:
     """Check `rows` (mappings with the chain's fields, in id order) as one stretch of the chain.
@@ -73,6 +84,9 @@ def walk(rows: Iterable[Any], key: bytes | None, *, start_id: int | None = 1, st
         row_id, prev, digest = int(row["id"]), row["prev_hash"], row["hash"]
         if result.first_id is None:
             result.first_id = row_id
+        if not (is_hex64(prev) and is_hex64(digest)):
+            result.problem = Problem("edited", row_id, f"event {row_id} has a malformed hash field (edited)")
+            return result, seen
         if expected_id is not None and row_id != expected_id:
             if row_id < expected_id:
                 result.problem = Problem("reordered", row_id, f"event {row_id} appears after event {expected_id - 1}")
@@ -115,14 +129,15 @@ def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] 
     anchor = conn.execute(_ANCHOR).first()
     start_id, start_prev = 1, GENESIS_HASH
     if anchor is not None:
-        if not hmac.compare_digest(anchor.mac, anchor_mac(key, anchor.last_id, anchor.last_hash, anchor.file_sha256)):
+        if not (is_hex64(anchor.last_hash) and same(anchor.mac, anchor_mac(
+                key, anchor.first_id, anchor.last_id, anchor.last_hash, anchor.file_name, anchor.file_sha256))):
             result = VerifyResult()
             result.problem = Problem("edited", anchor.last_id + 1, f"the archive anchor before event "
                                      f"{anchor.last_id + 1} does not match its HMAC")
             return result
         start_id, start_prev = anchor.last_id + 1, anchor.last_hash
-        warnings.append(f"events 1..{anchor.last_id} were archived to {anchor.file_name}; "
-                        "verify that file with 'onprem-label audit verify-export'")
+        warnings.append(f"events 1..{anchor.last_id} were archived (last file {anchor.file_name}); "
+                        "'onprem-label audit verify' on the server verifies the archive files too")
     valid = []
     for checkpoint in checkpoints or []:
         if checkpoint.valid(key):
@@ -130,6 +145,9 @@ def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] 
         else:
             warnings.append(f"a checkpoint line ({checkpoint.count} events, {checkpoint.at}) does not match "
                             "its HMAC: the checkpoint file was edited")
+    if checkpoints is not None and not checkpoints and bad_checkpoint_lines == 0:
+        warnings.append("no checkpoints were found: a cut-off tail could not be noticed "
+                        "(is the checkpoint file where audit_checkpoint_file says?)")
     if bad_checkpoint_lines:
         warnings.append(f"{bad_checkpoint_lines} line(s) of the checkpoint file are not checkpoints")
     want = {c.count for c in valid if c.count >= start_id}
@@ -152,7 +170,7 @@ def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] 
 
 def verify_chain(conn: Connection, chain) -> VerifyResult:
     """verify_database with the checkpoints of `chain` (an audit.chain.AuditChain), read first."""
-    checkpoints, bad = chain.checkpoints.read() if chain.checkpoints is not None else ([], 0)
+    checkpoints, bad = chain.checkpoints.read() if chain.checkpoints is not None else (None, 0)
     return verify_database(conn, chain.key, checkpoints, bad)
 
 
@@ -173,6 +191,7 @@ def _check_checkpoints(valid: list[Checkpoint], result: VerifyResult, seen: dict
     return None
 
 
+_HEX64 = re.compile("[0-9a-f]{64}")
 _TABLE = AuditEvent.__table__
 _ROWS = _TABLE.select().with_only_columns(*(_TABLE.c[n] for n in (*FIELDS, *CHAIN_FIELDS))).order_by(_TABLE.c.id)
 _ANCHOR = AuditAnchor.__table__.select().order_by(AuditAnchor.__table__.c.last_id.desc()).limit(1)

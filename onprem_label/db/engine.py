@@ -133,10 +133,17 @@ def read_only(session: Session) -> Session:
 
 
 @contextmanager
-def read_connection(engine: Engine) -> Iterator[Connection]:
-    """A pooled connection in a read-only transaction (no SQLite write lock), rolled back after."""
+def read_connection(engine: Engine, *, snapshot: bool = False) -> Iterator[Connection]:
+    """A pooled connection in a read-only transaction (no SQLite write lock), rolled back after.
+
+    `snapshot`: every statement sees the same moment (PostgreSQL REPEATABLE READ; a SQLite read
+    transaction in WAL mode always does), for reads that must agree with each other.
+    """
     with engine.connect() as conn:
-        conn = conn.execution_options(**{READ_ONLY_OPTION: True})
+        options = {READ_ONLY_OPTION: True}
+        if snapshot and engine.dialect.name == "postgresql":
+            options["isolation_level"] = "REPEATABLE READ"
+        conn = conn.execution_options(**options)
         with conn.begin() as transaction:
             yield conn
             transaction.rollback()

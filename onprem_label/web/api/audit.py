@@ -42,7 +42,8 @@ def audit_search():
     except FilterError as exc:
         return filter_error(exc)
     dbs = db()
-    events, more = search(dbs.connection(), flt, before=before, limit=limit)
+    with read_connection(services().engine) as conn:  # a read: no SQLite write lock while it scans
+        events, more = search(conn, flt, before=before, limit=limit)
     # Reading the trail is an event too (DICOM's "audit log used"), with what was asked.
     record(dbs, AuditAction.AUDIT_SEARCH, actor=_actor(), object_type="audit",
            details={"filters": flt.as_dict(), "before": before, "returned": len(events)},
@@ -64,8 +65,9 @@ def audit_export():
     except FilterError as exc:
         return filter_error(exc)
     svc, dbs = services(), db()
-    up_to, _ = head(dbs.connection())
-    count = count_matching(dbs.connection(), flt, up_to=up_to)
+    with read_connection(svc.engine) as conn:
+        up_to, _ = head(conn)
+        count = count_matching(conn, flt, up_to=up_to)
     # Recorded before a byte is sent: an export that is cut off midway still left its event.
     record(dbs, AuditAction.AUDIT_EXPORT, actor=_actor(), object_type="audit",
            details={"format": fmt, "filters": flt.as_dict(), "events": count, "up_to": up_to},
@@ -95,7 +97,7 @@ def audit_verify():
     """Walk the chain and the checkpoints: `ok`, and the first bad event when not."""
     dbs = db()
     chain = chain_of(dbs)
-    with read_connection(services().engine) as conn:
+    with read_connection(services().engine, snapshot=True) as conn:
         result = verify_chain(conn, chain)
     record(dbs, AuditAction.AUDIT_VERIFY, actor=_actor(), object_type="audit",
            outcome="success" if result.ok else "failure",

@@ -21,6 +21,7 @@ from onprem_label.web.api import bp
 from onprem_label.web.context import audit_context, db, now, services
 from onprem_label.web.errors import error_response
 from onprem_label.web.login import require
+from onprem_label.workflow.errors import NotFound
 from onprem_label.workflow.members import get_project, project_roles
 from onprem_label.web.uploads import MalformedUpload, UploadTooLarge, stage_files, staging_store
 
@@ -165,7 +166,7 @@ def clear_pixel_check(item_id: int):
     dbs = db()
     item = dbs.get(Item, item_id)
     if item is None:
-        return error_response(404, "not_found", "No such item.")
+        raise NotFound("No such item.")  # audited as a refusal, like another project's item
     user = _user()
     get_project(dbs, item.project_id, user, "manager")
     item.needs_pixel_check = False
@@ -198,8 +199,8 @@ def _png(item: Item, what: str, frame: int, make, details: dict):
 
 
 def _readable_item(item_id: int):
-    """(item, None), or (None, the answer refusing it): 404 also for another project's item."""
+    """(item, None); NotFound (a 404, audited as a refusal) also for another project's item."""
     item = db().get(Item, item_id)
     if item is None or not project_roles(db(), item.project_id, _user()):
-        return None, error_response(404, "not_found", "No such item.")
+        raise NotFound("No such item.")
     return item, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import urlencode
 
 from flask import Blueprint, render_template, request
@@ -20,6 +21,8 @@ from onprem_label.web.login import require
 
 bp = Blueprint("audit", __name__)
 bp.add_app_template_filter(escape_text, "audit_text")  # CR/LF and controls shown as escapes
+bp.add_app_template_filter(lambda value: escape_text(json.dumps(value, ensure_ascii=False, sort_keys=True)),
+                           "audit_json")  # autoescape then makes it HTML-safe
 FILTER_FIELDS = ("since", "until", "actor", "action", "object_type", "object_id", "outcome")
 
 
@@ -39,7 +42,8 @@ def log():
         return render_template("audit/log.html", form=form, events=[], error=exc, next_url=None,
                                export_query="", actions=_ACTIONS, outcomes=OUTCOMES), 422
     dbs = db()
-    events, more = search(dbs.connection(), flt, before=before, limit=limit)
+    with read_connection(services().engine) as conn:  # a read: no SQLite write lock while it scans
+        events, more = search(conn, flt, before=before, limit=limit)
     record(dbs, AuditAction.AUDIT_SEARCH, actor=_actor(), object_type="audit",
            details={"filters": flt.as_dict(), "before": before, "returned": len(events), "page": "web"},
            context=audit_context(), now=now())
@@ -57,7 +61,7 @@ def verify():
     """Walk the chain now and show the verdict, the first bad event, and what to keep off-system."""
     svc, dbs = services(), db()
     chain = chain_of(dbs)
-    with read_connection(svc.engine) as conn:
+    with read_connection(svc.engine, snapshot=True) as conn:
         result = verify_chain(conn, chain)
     record(dbs, AuditAction.AUDIT_VERIFY, actor=_actor(), object_type="audit",
            outcome="success" if result.ok else "failure",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, render_template
+from flask import Blueprint, render_template
 from flask_login import current_user
 
 from onprem_label.audit import AuditAction, record
@@ -10,6 +10,7 @@ from onprem_label.auth.roles import Permission
 from onprem_label.db.models import Item, Project
 from onprem_label.web.context import audit_context, db, now
 from onprem_label.web.login import require
+from onprem_label.workflow.errors import NotFound
 from onprem_label.workflow.members import project_roles
 
 bp = Blueprint("items", __name__)
@@ -22,7 +23,7 @@ def item(item_id: int):
     dbs = db()
     found = dbs.get(Item, item_id)
     if found is None or not project_roles(dbs, found.project_id, dbs.merge(current_user._get_current_object())):
-        abort(404)  # another project's item: as if it did not exist
+        raise NotFound("No such item.")  # another project's item: as if it did not exist (audited)
     record(dbs, AuditAction.ITEM_VIEW, actor=dbs.merge(current_user._get_current_object()), object_type="item",
            object_id=found.id, details={"project_id": found.project_id, "page": True},
            context=audit_context(), now=now(), study_uid=found.study_uid)
