@@ -29,8 +29,14 @@ import pytest
 from sqlalchemy import func, insert, literal, select
 
 from onprem_label.auth import passwords, tokens
+from onprem_label.audit.chain import attach
+from onprem_label.audit.site import chain_for
+from onprem_label.audit.verify import verify_chain
+from onprem_label.config import load_settings
 from onprem_label.db import make_engine, make_sessionmaker
+from onprem_label.db.engine import read_connection
 from onprem_label.db.models import Annotation, AuditEvent, Item, Review, Task, User
+from onprem_label.storage import open_keyring
 from workflow_helpers import BOX, SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -302,7 +308,13 @@ def _run_client(target, person: Person, *args) -> None:
 
 # --- arranging ---------------------------------------------------------------------------------
 
-def _people(database_url: str) -> dict[str, tuple[int, str]]:
+def _site_chain(data: Path, database_url: str):
+    """The audit chain of the data directory (its keyring seals what the test writes directly)."""
+    settings = load_settings({"data_dir": str(data), "database_url": database_url}, env={})
+    return chain_for(settings, open_keyring(settings))
+
+
+def _people(data: Path, database_url: str) -> dict[str, tuple[int, str]]:
     """The manager, labelers and reviewers with an API token each: {name: (user id, token)}."""
     now = datetime.now(timezone.utc)
     # One scrypt hash for all (as conftest's make_user does): 19 full-cost hashes would take ~12 s.
@@ -312,7 +324,9 @@ def _people(database_url: str) -> dict[str, tuple[int, str]]:
     engine = make_engine(database_url)
     out = {}
     try:
-        with make_sessionmaker(engine)() as db:
+        maker = make_sessionmaker(engine)
+        attach(maker, _site_chain(data, database_url))
+        with maker() as db:
             for name, role in names:
                 user = User(username=name, display_name=name, password_hash=password_hash, roles=role,
                             active=True, must_change_password=False, failed_logins=0, created_at=now,
@@ -356,7 +370,7 @@ def _workload(tmp_path: Path, database_url: str, server_count: int) -> None:
     try:
         for n in range(server_count):
             servers.append(_serve(data, database_url, f"serve{n}"))
-        people = _people(url)
+        people = _people(data, url)
         manager = Person("manager", people["manager"][1], servers[0].port, ledger)
         project_id = _project_with_team(manager, people)
         _add_tasks(url, project_id, TASKS)
@@ -370,6 +384,14 @@ def _workload(tmp_path: Path, database_url: str, server_count: int) -> None:
         for server in servers:
             server.stop()
     _check_against_database(url, ledger, {name: uid for name, (uid, _) in people.items()})
+    # Every server appended to one chain, under 16 clients: it is linear and verifies.
+    engine = make_engine(url)
+    try:
+        with read_connection(engine, snapshot=True) as conn:
+            result = verify_chain(conn, _site_chain(data, database_url))
+        assert result.ok and result.events > TASKS * 3, result.as_dict()
+    finally:
+        engine.dispose()
     for server in servers:
         log = server.log_text()
         assert "Traceback" not in log and "unhandled error" not in log, log[-20000:]
