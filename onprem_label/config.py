@@ -54,12 +54,7 @@ def _check_ip_address(value: str) -> str | None:
 
 def _check_lan_address(value: str) -> str | None:
     # A literal address: the server must not depend on name resolution to keep its audit copy.
-    if value:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            return "expected one literal IP address of a host on the LAN"
-    return None
+    return _check_ip_address(value) and "expected one literal IP address of a host on the LAN"
 
 
 def _check_database_url(value: str) -> str | None:

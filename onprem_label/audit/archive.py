@@ -30,6 +30,7 @@ from onprem_label.audit.chain import GENESIS_HASH, anchor_mac, chain_of, event_d
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.audit.verify import Problem, VerifyResult, walk
 from onprem_label.db.models import AuditAnchor, AuditEvent
+from onprem_label.storage.blobstore import fsync_dir
 from onprem_label.storage.format import IntegrityError, _hkdf, open_chunk, seal_chunk
 
 MAGIC = b"OLAUDAR1"
@@ -113,7 +114,7 @@ def write_archive(path: Path, key: bytes, rows: Iterator[dict]) -> str:
             index += 1
         out.flush()
         os.fsync(out.fileno())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return digest.hexdigest()
 
 
@@ -215,10 +216,3 @@ def file_sha256(path: Path) -> str | None:
         return None
     return digest.hexdigest()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -72,7 +72,8 @@ def private_opener(path, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (a new or renamed file's name survives a power cut)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -134,7 +135,7 @@ class EncryptedBlobStore:
             except FileExistsError:
                 pass  # same content already stored: keep the existing file
             else:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             return ref
         finally:
             temp.unlink(missing_ok=True)
@@ -165,7 +166,7 @@ class EncryptedBlobStore:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def verify(self, blob_id: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from onprem_label.storage import format as fmt
-from onprem_label.storage.blobstore import EncryptedBlobStore, check_blob_id, private_opener
+from onprem_label.storage.blobstore import EncryptedBlobStore, check_blob_id, fsync_dir, private_opener
 from onprem_label.storage.format import IntegrityError
 from onprem_label.storage.keyring import (Keyring, _b64, _unb64, new_passphrase_params, next_key_path,
                                           passphrase_key, read_state, write_state)
@@ -33,14 +33,6 @@ class RotationReport:
     rewrapped: int
     already_new: int
     retired_key_file: Path | None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def journal_dir(store: EncryptedBlobStore) -> Path:
@@ -70,7 +62,7 @@ def replay_journal(store: EncryptedBlobStore, keyring: Keyring) -> int:
         except (ValueError, IntegrityError):
             pass  # a torn or foreign entry: the blob itself was not touched yet
         entry.unlink()
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return applied
 
 
@@ -99,7 +91,7 @@ def rewrap_blob(store: EncryptedBlobStore, blob_id: str, old_key: bytes, new_id:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(temp, folder / blob_id)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     store.rewrite_header(blob_id, raw)
     (folder / blob_id).unlink()
 
@@ -134,7 +126,7 @@ def rotate_master_key(data_dir: Path, key_path: Path, store_for: Callable[[Keyri
             # it yet (the rotation is not recorded), so a fresh key replaces it.
             next_path.unlink(missing_ok=True)
         create_key_file(next_path)
-        _fsync_dir(next_path.parent)  # the new key's name must be durable before anything uses it
+        fsync_dir(next_path.parent)  # the new key's name must be durable before anything uses it
         new_key = load_key_file(next_path)
         rotation = {"from_key_id": old_id.hex(), "to_key_id": fmt.key_id_of(new_key).hex(),
                     "started_at": now().isoformat()}
@@ -223,7 +215,7 @@ def _rewrap_all(data_dir: Path, key_path: Path, state: dict, keys: dict[bytes, b
             retired = key_path.with_name(f"{key_path.name}.retired-{old_id.hex()}")
             os.replace(key_path, retired)
         os.replace(next_path, key_path)
-        _fsync_dir(key_path.parent)
+        fsync_dir(key_path.parent)
     state["rotation"] = None
     write_state(data_dir, state)
     return RotationReport(old_id.hex(), new_id.hex(), rewrapped, already, retired)
