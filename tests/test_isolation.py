@@ -120,3 +120,42 @@ def test_two_killers_in_one_batch_never_blame_the_files_between_them(tmp_path):
             assert isinstance(outcomes[source.name], Rejected) and outcomes[source.name].reason == CRASHED
         else:
             assert isinstance(outcomes[source.name], Prepared), (source.name, outcomes[source.name])
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from onprem_label.imaging.isolation import WorkerPool
+pool = WorkerPool(1)
+print(pool.run(os.getpid), flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for a reaper has ended)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\tZ" not in next(line for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_end_when_their_parent_is_killed():
+    """A server killed with SIGKILL leaves no decoding worker behind (they would hold memory for ever)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        assert _alive(worker)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        parent.stdout.close()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker), f"worker {worker} outlived its parent"

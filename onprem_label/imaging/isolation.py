@@ -42,7 +42,8 @@ class WorkerPool:
         with self._lock:
             if self._pool is None:
                 # spawn, not fork: the parent holds database connections and threads.
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=die_with_parent, initargs=(os.getpid(),))
             pool = self._pool
         try:
             return pool.submit(fn, *args), pool
@@ -76,6 +77,31 @@ class WorkerPool:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the process that started it ends, however it ends.
+
+    A `serve` killed with SIGKILL runs no exit handler, and its idle workers would otherwise live
+    on as orphans, each holding its memory. Linux delivers SIGKILL to the child when the parent
+    dies (prctl PR_SET_PDEATHSIG); elsewhere a watcher thread notices the parent is gone.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # it died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 _shared: dict[int, WorkerPool] = {}
