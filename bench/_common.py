@@ -219,3 +219,18 @@ def init_data_dir(base: Path) -> Path:
     data = base / "data"
     run_cli(data, "init")
     return data
+
+
+def site_sessionmaker(data_dir: Path, engine):
+    """A sessionmaker on a data directory's database whose sessions seal audit events with its key
+    (every event is sealed onto the hash chain at COMMIT; a session without the key cannot record)."""
+    from onprem_label.audit.chain import attach
+    from onprem_label.audit.site import chain_for
+    from onprem_label.config import load_settings
+    from onprem_label.db import make_sessionmaker
+    from onprem_label.storage import open_keyring
+
+    settings = load_settings({"data_dir": str(data_dir)}, env={})
+    maker = make_sessionmaker(engine)
+    attach(maker, chain_for(settings, open_keyring(settings)))
+    return maker

@@ -38,15 +38,15 @@ def prepare(base: Path, *, items: int, labelers: int, database_url: str = "") ->
         (data / "onprem-label.toml").write_text(f'database_url = "{database_url}"\n')
     c.run_cli(data, "init")
     url = database_url or f"sqlite:///{data / 'onprem-label.db'}"
-    project_id, tokens = _people_and_project(url, labelers)
+    project_id, tokens = _people_and_project(data, url, labelers)
     started = time.monotonic()
     add_tasks(url, project_id, items)
     return Project(data, url, project_id, tokens, time.monotonic() - started)
 
 
-def _people_and_project(url: str, labelers: int) -> tuple[int, list[str]]:
+def _people_and_project(data: Path, url: str, labelers: int) -> tuple[int, list[str]]:
     from onprem_label.auth import accounts, tokens
-    from onprem_label.db import make_engine, make_sessionmaker
+    from onprem_label.db import make_engine
     from onprem_label.workflow.members import add_member
     from onprem_label.workflow.projects import create_project
 
@@ -54,7 +54,7 @@ def _people_and_project(url: str, labelers: int) -> tuple[int, list[str]]:
     engine = make_engine(url)
     secrets = []
     try:
-        with make_sessionmaker(engine)() as db:
+        with c.site_sessionmaker(data, engine)() as db:
             # The CLI's `user create` makes a one-time password that must be changed in the browser
             # before the API accepts the user's token; the core function can skip that.
             users = [accounts.create_user(db, f"labeler{n:02d}", PASSWORD, ["labeler"],

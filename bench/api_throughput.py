@@ -34,12 +34,12 @@ def create_user_and_token(data: Path) -> str:
     from onprem_label.auth import accounts, tokens
     from onprem_label.clock import utcnow
     from onprem_label.config import load_settings
-    from onprem_label.db import make_engine, make_sessionmaker
+    from onprem_label.db import make_engine
 
     settings = load_settings({"data_dir": str(data)}, env={})
     engine = make_engine(settings.effective_database_url)
     try:
-        with make_sessionmaker(engine)() as db:
+        with c.site_sessionmaker(data, engine)() as db:
             # The CLI's `user create` makes a one-time password that must be changed in the
             # browser first; until then the API answers 403 password_change_required.
             user = accounts.create_user(db, "bench", BENCH_PASSWORD, ["labeler"],

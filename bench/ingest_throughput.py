@@ -196,7 +196,7 @@ def parts(tree: Path, base: Path, count: int) -> dict[str, list[float]]:
     """Seconds of each ingest step for `count` files of the tree, run in this process (see --parts)."""
     from onprem_label.clock import utcnow
     from onprem_label.config import load_settings
-    from onprem_label.db import make_engine, make_sessionmaker
+    from onprem_label.db import make_engine
     from onprem_label.imaging.ingest import IngestTarget, store_batch
     from onprem_label.imaging.prepare import prepare_file, prepare_options, source_digest
     from onprem_label.storage import open_keyring, open_store
@@ -217,7 +217,7 @@ def parts(tree: Path, base: Path, count: int) -> dict[str, list[float]]:
         return result
 
     try:
-        with make_sessionmaker(engine)() as db:
+        with c.site_sessionmaker(data, engine)() as db:
             target = IngestTarget(find_project(db, "Parts").id, "cli", actor_name="console:bench")
             db.rollback()
             group: list = []

@@ -63,7 +63,7 @@ class Site:
         from sqlalchemy import select
 
         from onprem_label.config import load_settings
-        from onprem_label.db import make_engine, make_sessionmaker
+        from onprem_label.db import make_engine
         from onprem_label.db.models import Item
         from onprem_label.storage import open_keyring, open_store
 
@@ -71,7 +71,7 @@ class Site:
         self.keyring = open_keyring(self.settings)
         self.store = open_store(self.settings, self.keyring)
         self.engine = make_engine(self.settings.effective_database_url)
-        self.sessionmaker = make_sessionmaker(self.engine)
+        self.sessionmaker = c.site_sessionmaker(data, self.engine)
         with self.sessionmaker() as db:
             self.item_id = db.scalars(select(Item.id)).one()
 

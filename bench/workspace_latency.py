@@ -63,7 +63,7 @@ def prepare(base: Path, frames: int, tasks: int) -> tuple[Path, int, int]:
 
     from onprem_label.auth import accounts
     from onprem_label.config import load_settings
-    from onprem_label.db import make_engine, make_sessionmaker
+    from onprem_label.db import make_engine
     from onprem_label.workflow.members import add_member
     from onprem_label.workflow.projects import create_project
 
@@ -71,7 +71,7 @@ def prepare(base: Path, frames: int, tasks: int) -> tuple[Path, int, int]:
     settings = load_settings({"data_dir": str(data)}, env={})
     engine = make_engine(settings.effective_database_url)
     now = datetime.now(timezone.utc)
-    with make_sessionmaker(engine)() as db:
+    with c.site_sessionmaker(data, engine)() as db:
         accounts.create_user(db, "bench", PASSWORD, ["labeler"], must_change_password=False, now=now)
         ids = []
         for name, stack in (("Series", True), ("Tasks", False)):

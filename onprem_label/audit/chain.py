@@ -52,8 +52,9 @@ class AuditKeyMissing(RuntimeError):
 
 def format_ts(ts: datetime) -> str:
     """UTC ISO 8601 with milliseconds and 'Z' — the one spelling of a time in the chain."""
-    ts = ts.astimezone(timezone.utc) if ts.tzinfo is not None else ts
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(timezone.utc).replace(tzinfo=None)
+    return ts.isoformat(timespec="milliseconds") + "Z"  # cuts (never rounds) the microseconds
 
 
 def to_millis(ts: datetime) -> datetime:
@@ -62,20 +63,21 @@ def to_millis(ts: datetime) -> datetime:
 
 
 def canonical(row: dict[str, Any]) -> bytes:
-    """The bytes an event's HMAC covers (every field but the chain fields), as compact sorted JSON."""
-    values = [FORMAT_VERSION]
-    for name in FIELDS:
-        value = row[name]
-        if name == "ts":
-            value = value if isinstance(value, str) else format_ts(value)
-        elif name == "actor_id":
-            value = None if value is None else int(value)
-        elif name == "details":
-            value = value or {}
-        elif name != "id":
-            value = value or ""
-        values.append(value)
-    return json.dumps(values, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+    """The bytes an event's HMAC covers (every field but the chain fields), as compact sorted JSON.
+
+    Written out field by field (the order of FIELDS) with one reused encoder: verification runs
+    this a million times.
+    """
+    ts, actor_id = row["ts"], row["actor_id"]
+    return _ENCODER.encode([
+        FORMAT_VERSION, row["id"], ts if isinstance(ts, str) else format_ts(ts),
+        None if actor_id is None else int(actor_id), row["actor_name"] or "", row["actor_role"] or "",
+        row["action"] or "", row["object_type"] or "", row["object_id"] or "", row["study_uid"] or "",
+        row["outcome"] or "", row["client_addr"] or "", row["user_agent"] or "", row["request_id"] or "",
+        row["details"] or {}]).encode()
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
 def event_dict(row: Any) -> dict[str, Any]:

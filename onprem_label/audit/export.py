@@ -95,16 +95,22 @@ def stream_export(events: Iterable[dict[str, Any]], fmt: str, key: Ed25519Privat
         yield out(json.dumps({"onprem_label_audit_export": 1, **meta}, ensure_ascii=False, sort_keys=True) + "\n")
     else:
         yield out(_line(list(COLUMNS)))
-    pending = []
+    # A few hundred lines per piece keeps the response cheap; one CSV writer serves them all.
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     for event in events:
         count += 1
-        pending.append(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n" if fmt == "jsonl"
-                       else _line(_csv_cells(event)))
-        if len(pending) >= 500:  # a few hundred lines per write keeps the response cheap
-            yield out("".join(pending))
-            pending = []
-    if pending:
-        yield out("".join(pending))
+        if fmt == "jsonl":
+            buffer.write(encode(event) + "\n")
+        else:
+            writer.writerow(_csv_cells(event))
+        if count % 500 == 0:
+            yield out(buffer.getvalue())
+            buffer.seek(0)
+            buffer.truncate()
+    if buffer.tell():
+        yield out(buffer.getvalue())
     sha = digest.hexdigest()
     trailer = {"count": count, "sha256": sha, "meta": meta,
                "signature": key.sign(_signed(sha, count, meta)).hex(), "public_key": public_key_hex(key)}
@@ -116,55 +122,107 @@ def stream_export(events: Iterable[dict[str, Any]], fmt: str, key: Ed25519Privat
 
 @dataclass
 class ExportFile:
-    """A parsed export: its events, trailer and the digest of its body as read."""
+    """An export opened for reading: its format, where the body ends, the trailer and the header.
 
+    Nothing but the trailer and the header is held in memory: `events()` and `body_sha256()` read
+    the file again each time (a million-event export is several hundred megabytes).
+    """
+
+    path: Path
     fmt: str
-    events: list[dict[str, Any]]
+    body_end: int
     trailer: dict[str, Any] | None
-    body_sha256: str
     header: dict[str, Any] | None = None  # JSON Lines only: the first line
+
+    def body_sha256(self) -> str:
+        """SHA-256 of every byte before the trailer (what the signature covers)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            left = self.body_end
+            while left:
+                block = f.read(min(left, 1 << 20))
+                if not block:
+                    break
+                digest.update(block)
+                left -= len(block)
+        return digest.hexdigest()
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The events, in file order (ExportError for a line that is not one)."""
+        with open(self.path, "rb") as raw:
+            body = io.TextIOWrapper(_Bounded(raw, self.body_end), encoding="utf-8", newline="")
+            if self.fmt == "jsonl":
+                body.readline()  # the header
+                for line in body:  # newline="": lines end at "\n" only, never inside a value's U+2028
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise ExportError("a line of the JSON Lines export is not JSON") from None
+                    if not isinstance(event, dict):
+                        raise ExportError("a line of the JSON Lines export is not an event")
+                    yield event
+            else:
+                rows = csv.reader(body)
+                if tuple(next(rows, ())) != COLUMNS:
+                    raise ExportError("the CSV header is not the audit export's")
+                for row in rows:
+                    yield _event_from_cells(row)
+
+
+class _Bounded(io.RawIOBase):
+    """The first `limit` bytes of a binary file, as a stream."""
+
+    def __init__(self, raw, limit: int) -> None:
+        self._raw, self._left = raw, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._left <= 0:
+            return 0
+        data = self._raw.read(min(len(buffer), self._left))
+        buffer[:len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+
+TAIL_BYTES = 1 << 20  # a trailer is small; the last MiB always holds it
 
 
 def read_export(path: Path) -> ExportFile:
-    """Parse an export file (format from its first byte); ExportError when it is none."""
-    data = Path(path).read_bytes()
-    text = data.decode("utf-8", errors="strict") if data else ""
-    if text.startswith("{"):
-        return _read_jsonl(text)
-    if text.startswith(",".join(COLUMNS[:2])):
-        return _read_csv(text)
-    raise ExportError("not an onprem-label audit export (neither its JSON Lines nor its CSV header)")
-
-
-def _read_jsonl(text: str) -> ExportFile:
-    # Split on "\n" alone: a value may hold U+2028 and the like, which str.splitlines would cut at.
-    parts = text.split("\n")
-    lines = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
-    trailer = None
-    if lines and lines[-1].startswith('{"end"'):
-        trailer = json.loads(lines.pop())["end"]
-    body = "".join(lines)
-    try:
-        header = json.loads(lines[0]) if lines else {}
-        events = [json.loads(line) for line in lines[1:]]
-    except ValueError:
-        raise ExportError("a line of the JSON Lines export is not JSON") from None
-    if not isinstance(header, dict) or header.get("onprem_label_audit_export") != 1:
-        raise ExportError("not an onprem-label audit export (unknown header line)")
-    return ExportFile("jsonl", events, trailer, hashlib.sha256(body.encode()).hexdigest(), header)
-
-
-def _read_csv(text: str) -> ExportFile:
-    end = text.rfind("\r\n" + END_MARK + ",")
-    trailer, body = None, text
-    if end >= 0:
-        body = text[:end + 2]
-        trailer = json.loads(next(csv.reader(io.StringIO(text[end + 2:])))[1])
-    rows = list(csv.reader(io.StringIO(body, newline="")))
-    if not rows or tuple(rows[0]) != COLUMNS:
-        raise ExportError("the CSV header is not the audit export's")
-    events = [_event_from_cells(row) for row in rows[1:]]
-    return ExportFile("csv", events, trailer, hashlib.sha256(body.encode()).hexdigest())
+    """Open an export (format from its first bytes, trailer from its last); ExportError when it is none."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(64)
+        f.seek(max(0, size - TAIL_BYTES))
+        tail_at = f.tell()
+        tail = f.read()
+    if start.startswith(b"{"):
+        fmt, mark = "jsonl", b'\n{"end"'
+    elif start.startswith(",".join(COLUMNS[:2]).encode()):
+        fmt, mark = "csv", ("\r\n" + END_MARK + ",").encode()
+    else:
+        raise ExportError("not an onprem-label audit export (neither its JSON Lines nor its CSV header)")
+    at = tail.rfind(mark)
+    trailer, body_end = None, size
+    if at >= 0:
+        body_end = tail_at + at + (1 if fmt == "jsonl" else 2)
+        text = tail[at:].decode("utf-8").strip("\r\n")
+        trailer = json.loads(text)["end"] if fmt == "jsonl" else json.loads(next(csv.reader([text]))[1])
+        if not isinstance(trailer, dict):
+            raise ExportError("the trailer is not an object")
+    header = None
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            try:
+                header = json.loads(f.readline())
+            except ValueError:
+                raise ExportError("the first line of the JSON Lines export is not JSON") from None
+        if not isinstance(header, dict) or header.get("onprem_label_audit_export") != 1:
+            raise ExportError("not an onprem-label audit export (unknown header line)")
+    return ExportFile(path, fmt, body_end, trailer, header)
 
 
 def _event_from_cells(row: list[str]) -> dict[str, Any]:
@@ -199,7 +257,7 @@ def verify_export(path: Path, *, public_key: str | None = None, audit_key: bytes
             raise ExportError("the trailer's metadata is not an object")
     except (ExportError, UnicodeDecodeError, OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
         return _failed("edited", None, f"cannot read the export: {exc}")
-    if sha != export.body_sha256 or count != len(export.events):
+    if sha != export.body_sha256():
         return _failed("edited", None, "the export's lines do not match its trailer (lines edited, added or removed)")
     if export.header is not None and export.header != {"onprem_label_audit_export": 1, **meta}:
         return _failed("edited", None, "the export's header line does not match its signed trailer")
@@ -212,8 +270,20 @@ def verify_export(path: Path, *, public_key: str | None = None, audit_key: bytes
     except (InvalidSignature, ValueError):
         return _failed("edited", None, "the export's signature does not match (edited, or not signed by this install)")
     filters = meta.get("filters") or {}
-    result, _ = walk(iter(export.events), audit_key, start_id=None, start_prev=None, contiguous=not filters)
-    if result.ok and not filters and export.events and result.last_id != meta.get("up_to"):
+    counted = [0]
+
+    def events():
+        for event in export.events():
+            counted[0] += 1
+            yield event
+
+    try:
+        result, _ = walk(events(), audit_key, start_id=None, start_prev=None, contiguous=not filters)
+    except (ExportError, KeyError, TypeError, ValueError, csv.Error) as exc:
+        return _failed("edited", None, f"an event of the export cannot be read: {exc}")
+    if result.ok and counted[0] != count:
+        return _failed("edited", None, f"the export holds {counted[0]} events but its trailer says {count}")
+    if result.ok and not filters and counted[0] and result.last_id != meta.get("up_to"):
         result.problem = Problem("truncated", result.last_id + 1, f"the export names head {meta.get('up_to')} "
                                  f"but its events end at {result.last_id}")
     warnings.append(f"signed: exported {meta.get('exported_at')}, up to event {meta.get('up_to')}, "

@@ -12,15 +12,17 @@ The first bad event is named with what is wrong with it:
 from __future__ import annotations
 
 import hmac
+import json
 import re
+from datetime import datetime
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import Connection
 
-from onprem_label.audit.chain import CHAIN_FIELDS, FIELDS, GENESIS_HASH, anchor_mac, canonical
+from onprem_label.audit.chain import CHAIN_FIELDS, FIELDS, GENESIS_HASH, anchor_mac, canonical, format_ts
 from onprem_label.audit.checkpoints import Checkpoint
-from onprem_label.db.models import AuditAnchor, AuditEvent
+from onprem_label.db.models import AuditAnchor
 
 
 @dataclass(frozen=True)
@@ -151,10 +153,11 @@ def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] 
     if bad_checkpoint_lines:
         warnings.append(f"{bad_checkpoint_lines} line(s) of the checkpoint file are not checkpoints")
     want = {c.count for c in valid if c.count >= start_id}
-    # A server-side cursor on PostgreSQL: closed here even when the walk stops at a bad event.
-    cursor = conn.execute(_ROWS, execution_options={"stream_results": True, "yield_per": 10_000})
+    # Plain DB-API rows (SQLAlchemy's per-row processing would double the time of a million-event
+    # walk); a server-side cursor on PostgreSQL, closed even when the walk stops at a bad event.
+    cursor = conn.exec_driver_sql(_RAW_ROWS, execution_options={"stream_results": True, "yield_per": 10_000})
     try:
-        result, seen = walk((r._mapping for r in cursor), key, start_id=start_id, start_prev=start_prev, want=want)
+        result, seen = walk(_raw_events(cursor), key, start_id=start_id, start_prev=start_prev, want=want)
     finally:
         cursor.close()
     result.warnings = warnings
@@ -191,7 +194,25 @@ def _check_checkpoints(valid: list[Checkpoint], result: VerifyResult, seen: dict
     return None
 
 
+def _raw_events(rows) -> Iterator[dict[str, Any]]:
+    """Events from raw rows of _RAW_ROWS: the time spelled as in the chain, details parsed."""
+    names = _RAW_NAMES
+    for raw in rows:
+        event = dict(zip(names, raw))
+        ts, details = event["ts"], event["details"]
+        if isinstance(ts, str):  # SQLite: 'YYYY-MM-DD HH:MM:SS.ffffff' as SQLAlchemy stores it
+            event["ts"] = (ts[:10] + "T" + ts[11:23] + "Z") if len(ts) == 26 else format_ts(datetime.fromisoformat(ts))
+        elif ts is not None:
+            event["ts"] = format_ts(ts)
+        if isinstance(details, (str, bytes)):
+            try:
+                event["details"] = json.loads(details)
+            except ValueError:
+                event["details"] = {"unreadable": str(details)[:100]}  # edited: the HMAC will say so
+        yield event
+
+
+_RAW_NAMES = (*FIELDS, *CHAIN_FIELDS)
+_RAW_ROWS = f"SELECT {', '.join(_RAW_NAMES)} FROM audit_events ORDER BY id"
 _HEX64 = re.compile("[0-9a-f]{64}")
-_TABLE = AuditEvent.__table__
-_ROWS = _TABLE.select().with_only_columns(*(_TABLE.c[n] for n in (*FIELDS, *CHAIN_FIELDS))).order_by(_TABLE.c.id)
 _ANCHOR = AuditAnchor.__table__.select().order_by(AuditAnchor.__table__.c.last_id.desc()).limit(1)
