@@ -1,12 +1,19 @@
-"""Helpers of audit_trail.py: a data directory with a chained sessionmaker, realistic events, a long chain."""
+"""Helpers of audit_trail.py: a data directory with a chained sessionmaker, realistic events, a long chain,
+processes watched for their peak RSS, the export downloaded, the profile."""
 
 from __future__ import annotations
 
+import cProfile
 import csv
+import hmac
+import http.client
 import io
 import json
 import os
+import pstats
+import resource
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -88,7 +95,8 @@ def event_rows(first: int, count: int, t0: datetime) -> Iterator[dict[str, Any]]
     """`count` unsealed events numbered from `first`, 1 ms apart from t0, as `record` makes them."""
     for n in range(first, first + count):
         action, object_type = ACTIONS[n % len(ACTIONS)]
-        details = {"project_id": 3, "frame": n % 30} if action == "image:read" else {"project_id": 3, "version": 1 + n % 5}
+        details = ({"project_id": 3, "frame": n % 30} if action == "image:read"
+                   else {"project_id": 3, "version": 1 + n % 5})
         ts = t0 + timedelta(milliseconds=n)
         yield {"ts": ts.replace(microsecond=ts.microsecond // 1000 * 1000), "actor_id": 2 + n % 40,
                "actor_name": f"labeler{n % 40:02d}", "actor_role": "labeler", "action": action,
@@ -192,6 +200,23 @@ def proc_kib(pid: int, field: str) -> int | None:
     return None
 
 
+def fsync_ms(directory: Path, count: int = 200) -> float:
+    """Median ms of one 4 KiB append + fsync to a file in `directory` (what a COMMIT's WAL sync costs here)."""
+    path = directory / "fsync-probe"
+    took = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+            took.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return sorted(took)[len(took) // 2] * 1000
+
+
 def proc_meminfo_kib(field: str) -> int:
     """A figure of /proc/meminfo in KiB (MemAvailable, MemTotal)."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -207,3 +232,137 @@ def reset_peak(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def run_watched(argv: list[str], log: Path, timeout: float, watch=None) -> tuple[float, resource.struct_rusage]:
+    """Run a command (output to `log`), calling `watch(pid)` every 10 ms: (wall s, its wait4 rusage).
+
+    wait4 gives the peak RSS (ru_maxrss) of that one child, however briefly it was reached.
+    """
+    t0 = time.perf_counter()
+    proc = c.start_process(argv, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if watch is not None:
+            watch(proc.pid)
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{' '.join(argv[2:5])} did not finish in {timeout:.0f} s")
+        time.sleep(0.01)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[2:])} failed ({proc.returncode}): {c.log_tail(proc, 5)}")
+    return time.perf_counter() - t0, usage
+
+
+def http_export(port: int, pid: int, token: str, fmt: str, *, zero: bool = False) -> dict:
+    """One client downloads the export; the server's RSS before, its peak during (VmHWM, sampled)."""
+    rss0 = proc_kib(pid, "VmRSS")
+    reset = reset_peak(pid)
+    sampled, stop = [rss0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            value = proc_kib(pid, "VmRSS")
+            if value:
+                sampled.append(value)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    conn = http.client.HTTPConnection(c.LOOPBACK, port, timeout=300)
+    query = f"format={fmt}" + ("&since=2999-01-01" if zero else "")
+    total, tail = 0, b""
+    t0 = time.perf_counter()
+    try:
+        conn.request("GET", f"/api/v1/audit/export?{query}", headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"export answered {response.status}: {response.read()[:500]!r}")
+        while block := response.read(1 << 20):
+            total += len(block)
+            tail = (tail + block)[-8192:]
+    finally:
+        wall = time.perf_counter() - t0
+        conn.close()
+        stop.set()
+        sampler.join(timeout=5)
+    hwm = proc_kib(pid, "VmHWM") if reset else None
+    trailer = trailer_of_line(tail.decode().rstrip("\r\n").rsplit("\n", 1)[-1])
+    peak = max(hwm or 0, max(sampled))
+    return {"rss0_kib": rss0, "peak_kib": peak, "hwm_reset": reset, "wall_s": wall, "bytes": total,
+            "count": trailer["count"]}
+
+
+def profile(site: Site, verify_in_process) -> None:
+    """The steps of verify timed apart, then cProfile of verify and of the export stream (to /dev/null)."""
+    from onprem_label.audit.export import signing_key, stream_export
+    from onprem_label.audit.search import AuditFilter, stream
+    from onprem_label.db.engine import read_connection
+    from onprem_label.storage import open_keyring
+
+    key = signing_key(open_keyring(site.settings))
+    up_to = event_count(site)
+
+    def export(fmt: str) -> None:
+        with read_connection(site.engine) as conn, open(os.devnull, "wb") as sink:
+            for piece in stream_export(stream(conn, AuditFilter(), up_to=up_to), fmt, key, {}):
+                sink.write(piece)
+
+    verify_parts(site)
+    for name, work in (("verify_chain", lambda: verify_in_process(site)), ("export jsonl", lambda: export("jsonl")),
+                       ("export csv", lambda: export("csv"))):
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.runcall(work)
+        print(f"--- profile of {name}: {time.perf_counter() - t0:.1f} s under cProfile; top by own time ---")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+def verify_parts(site: Site) -> None:
+    """The steps of verify's walk, each summed over every row in one pass; the raw DB-API fetch."""
+    from onprem_label.audit import chain, verify
+    from onprem_label.db.engine import read_connection
+
+    sums = dict.fromkeys(("format_ts", "canonical", "hmac", "compare"), 0.0)
+    clock = time.perf_counter
+    t0 = clock()
+    with read_connection(site.engine) as conn:
+        result = conn.exec_driver_sql(verify._RAW_ROWS, execution_options={"stream_results": True,
+                                                                           "yield_per": 10_000})
+        rows = 0
+        for m in verify._raw_events(result):
+            t1 = clock()
+            m["ts"]  # noqa: B018 - already spelled by _raw_events (format_ts is inside the fetch now)
+            t2 = clock()
+            body = chain.canonical(m) + b"\n" + m["prev_hash"].encode("ascii")
+            t3 = clock()
+            digest = hmac.digest(site.key, body, "sha256").hex()
+            t4 = clock()
+            hmac.compare_digest(digest, m["hash"])
+            t5 = clock()
+            sums["format_ts"] += t2 - t1
+            sums["canonical"] += t3 - t2
+            sums["hmac"] += t4 - t3
+            sums["compare"] += t5 - t4
+            rows += 1
+        result.close()
+    total = clock() - t0
+    with read_connection(site.engine) as conn:
+        sql = verify._RAW_ROWS
+        dbapi = conn.connection.dbapi_connection
+        cursor = dbapi.cursor(name="bench_parts") if site.engine.dialect.name == "postgresql" else dbapi.cursor()
+        t0 = clock()
+        cursor.execute(sql)
+        while cursor.fetchmany(10_000):
+            pass
+        raw = clock() - t0
+        cursor.close()
+    print(f"verify parts over {rows:,} rows (one pass, each step timed alone): SQLAlchemy fetch + rest "
+          f"{total - sum(sums.values()):.2f} s; canonical() {sums['canonical']:.2f} s (of which format_ts "
+          f"{sums['format_ts']:.2f} s, timed apart); HMAC + hex {sums['hmac']:.2f} s; compare_digest "
+          f"{sums['compare']:.2f} s; total {total:.2f} s | the same SELECT through the bare DB-API cursor (tuples, "
+          f"no type processing): {raw:.2f} s")

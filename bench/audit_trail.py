@@ -32,17 +32,12 @@ Usage: .venv/bin/python bench/audit_trail.py [--backend sqlite|postgresql] [--ru
 from __future__ import annotations
 
 import argparse
-import cProfile
 import hmac
-import http.client
 import json
-import os
-import pstats
 import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -154,7 +149,8 @@ def goal_append(args, site: a.Site, label: str) -> dict:
     """Goal 1 runs on the table as it is; per-run lines; the medians."""
     rng = random.Random(7)
     events = a.event_count(site)
-    print(f"head lookup plan at {events:,} events: " + " | ".join(a.head_plan(site)))
+    print(f"head lookup plan at {events:,} events: " + " | ".join(a.head_plan(site)) + f"; a 4 KiB write + "
+          f"fsync in the data directory takes {a.fsync_ms(site.data):.3f} ms (median of 200)")
     runs = []
     for r in range(args.runs):
         busy, waited = c.wait_for_quiet(args.quiet_wait)
@@ -196,9 +192,10 @@ def fetch_only(site: a.Site) -> float:
 
     t0 = time.perf_counter()
     with read_connection(site.engine) as conn:
-        result = conn.execute(verify._ROWS, execution_options={"stream_results": True, "yield_per": 10_000})
-        for row in result:
-            row._mapping  # noqa: B018 - walk reads each row as a mapping
+        result = conn.exec_driver_sql(verify._RAW_ROWS, execution_options={"stream_results": True,
+                                                                           "yield_per": 10_000})
+        for _ in verify._raw_events(result):  # the rows as walk gets them
+            pass
         result.close()
     return time.perf_counter() - t0
 
@@ -237,31 +234,6 @@ def goal_verify(args, site: a.Site) -> dict:
 
 # --- goal 3: export ------------------------------------------------------------------------------
 
-def run_watched(argv: list[str], log: Path, timeout: float, watch=None) -> tuple[float, os.wait_result]:
-    """Run a command (output to `log`), calling `watch(pid)` every 10 ms: (wall s, its wait4 rusage).
-
-    wait4 gives the peak RSS (ru_maxrss) of that one child, however briefly it was reached.
-    """
-    t0 = time.perf_counter()
-    proc = c.start_process(argv, log)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if watch is not None:
-            watch(proc.pid)
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"{' '.join(argv[2:5])} did not finish in {timeout:.0f} s")
-        time.sleep(0.01)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[2:])} failed ({proc.returncode}): {c.log_tail(proc, 5)}")
-    return time.perf_counter() - t0, usage
-
-
 def cli_export(site: a.Site, fmt: str, out: Path, *, zero: bool, timeout: float) -> dict:
     """`onprem-label audit export` as a subprocess: peak RSS (wait4), RSS at first output, wall, size."""
     argv = [*c.onprem_label_command(), "--data-dir", str(site.data), "audit", "export", "--format", fmt,
@@ -275,48 +247,10 @@ def cli_export(site: a.Site, fmt: str, out: Path, *, zero: bool, timeout: float)
             if rss is not None:
                 first.append(rss)
 
-    wall, usage = run_watched(argv, out.with_suffix(".log"), timeout, watch)
+    wall, usage = a.run_watched(argv, out.with_suffix(".log"), timeout, watch)
     trailer = a.trailer_of(out)
     return {"peak_kib": usage.ru_maxrss, "first_rss_kib": first[0] if first else usage.ru_maxrss, "wall_s": wall,
             "bytes": out.stat().st_size, "count": trailer["count"], "cpu_s": usage.ru_utime + usage.ru_stime}
-
-
-def http_export(port: int, pid: int, token: str, fmt: str, *, zero: bool = False) -> dict:
-    """One client downloads the export; the server's RSS before, its peak during (VmHWM, sampled)."""
-    rss0 = a.proc_kib(pid, "VmRSS")
-    reset = a.reset_peak(pid)
-    sampled, stop = [rss0], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.02):
-            value = a.proc_kib(pid, "VmRSS")
-            if value:
-                sampled.append(value)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    conn = http.client.HTTPConnection(c.LOOPBACK, port, timeout=300)
-    query = f"format={fmt}" + ("&since=2999-01-01" if zero else "")
-    total, tail = 0, b""
-    t0 = time.perf_counter()
-    try:
-        conn.request("GET", f"/api/v1/audit/export?{query}", headers={"Authorization": f"Bearer {token}"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"export answered {response.status}: {response.read()[:500]!r}")
-        while block := response.read(1 << 20):
-            total += len(block)
-            tail = (tail + block)[-8192:]
-    finally:
-        wall = time.perf_counter() - t0
-        conn.close()
-        stop.set()
-        sampler.join(timeout=5)
-    hwm = a.proc_kib(pid, "VmHWM") if reset else None
-    trailer = a.trailer_of_line(tail.decode().rstrip("\r\n").rsplit("\n", 1)[-1])
-    peak = max(hwm or 0, max(sampled))
-    return {"rss0_kib": rss0, "peak_kib": peak, "hwm_reset": reset, "wall_s": wall, "bytes": total,
-            "count": trailer["count"]}
 
 
 def serve_and_download(site: a.Site, base: Path, fmt: str) -> dict:
@@ -326,9 +260,9 @@ def serve_and_download(site: a.Site, base: Path, fmt: str) -> dict:
                            base / f"serve-{port}.log")
     try:
         c.wait_for_status(port, "/healthz", proc, timeout=60)
-        http_export(port, proc.pid, site.token, fmt, zero=True)
+        a.http_export(port, proc.pid, site.token, fmt, zero=True)
         cpu0 = c.process_cpu_seconds(proc.pid)
-        m = http_export(port, proc.pid, site.token, fmt)
+        m = a.http_export(port, proc.pid, site.token, fmt)
         m["server_cpu_s"] = c.process_cpu_seconds(proc.pid) - cpu0
         return m
     finally:
@@ -373,8 +307,9 @@ def goal_export(args, site: a.Site, base: Path) -> dict:
                 m[f"http_{fmt}_growth"] = (h["peak_kib"] - h["rss0_kib"]) / 1024
                 m[f"http_{fmt}_events_s"] = h["count"] / h["wall_s"]
                 m[f"http_{fmt}_mb_s"] = h["bytes"] / h["wall_s"] / 1e6
+                peak_how = "VmHWM reset" if h["hwm_reset"] else "sampled"
                 print(f"goal 3 run {r + 1}: " + describe_export("HTTP", fmt, h, m[f"http_{fmt}_growth"],
-                      f"server RSS before {h['rss0_kib'] / 1024:.1f} MiB ({'VmHWM reset' if h['hwm_reset'] else 'sampled'}); "
+                      f"server RSS before {h['rss0_kib'] / 1024:.1f} MiB ({peak_how}); "
                       f"server CPU {h['server_cpu_s']:.1f} s"), flush=True)
         m["busy"] = load.stop()
         print(f"goal 3 run {r + 1}: machine busy before {busy:.0%} (waited {waited:.0f} s), during {m['busy']:.0%}")
@@ -392,39 +327,13 @@ def verify_export_once(site: a.Site, path: Path, size: int, timeout: float) -> N
     argv = [*c.onprem_label_command(), "--data-dir", str(site.data), "audit", "verify-export", str(path), "--json"]
     log = path.with_suffix(".verify.log")
     try:
-        wall, usage = run_watched(argv, log, timeout)
+        wall, usage = a.run_watched(argv, log, timeout)
     except RuntimeError as exc:  # not a goal: report, go on
         print(f"(not a goal) `audit verify-export` of the jsonl export FAILED: {exc}")
         return
     result = json.loads(next(line for line in log.read_text().splitlines() if line.startswith("{")))
     print(f"(not a goal) `audit verify-export` of the {size / 1e6:.0f} MB jsonl export: {wall:.1f} s, peak RSS "
           f"{usage.ru_maxrss / 1024:.0f} MiB, ok={result.get('ok')}, {result.get('events', 0):,} events", flush=True)
-
-
-# --- profile ----------------------------------------------------------------------------------------
-
-def profile(site: a.Site) -> None:
-    """cProfile of verify_chain and of the export stream (in-process, to /dev/null): top functions."""
-    from onprem_label.audit.export import signing_key, stream_export
-    from onprem_label.audit.search import AuditFilter, stream
-    from onprem_label.db.engine import read_connection
-    from onprem_label.storage import open_keyring
-
-    key = signing_key(open_keyring(site.settings))
-    up_to = a.event_count(site)
-
-    def export(fmt: str) -> None:
-        with read_connection(site.engine) as conn, open(os.devnull, "wb") as sink:
-            for piece in stream_export(stream(conn, AuditFilter(), up_to=up_to), fmt, key, {}):
-                sink.write(piece)
-
-    for name, work in (("verify_chain", lambda: verify_in_process(site)), ("export jsonl", lambda: export("jsonl")),
-                       ("export csv", lambda: export("csv"))):
-        prof = cProfile.Profile()
-        t0 = time.perf_counter()
-        prof.runcall(work)
-        print(f"--- profile of {name}: {time.perf_counter() - t0:.1f} s under cProfile; top by own time ---")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 # --- main ---------------------------------------------------------------------------------------------
@@ -436,14 +345,14 @@ def report(args, g1: dict | None, g1_big: dict | None, g2: dict | None, g3: dict
     for label, m in (("", g1), (" after the fill", g1_big)):
         if m:
             figures[f"append_ms{label.replace(' ', '_')}"] = m["diff_p50"]
-            print(f"goal 1{label}: one audit event in a {args.backend} write transaction (UPDATE one task, COMMIT; "
-                  f"{m['events']:,} events in the table; median of {args.runs} runs): extra {m['diff_p50']:.3f} ms median, {m['diff_p95']:.3f} "
-                  f"ms p95, {m['diff_mean']:.3f} ms mean (with event {m['with_p50']:.3f} / without "
-                  f"{m['without_p50']:.3f} ms median); goal <= {APPEND_GOAL_MS:g} ms; "
-                  f"{verdict(m['diff_p50'], APPEND_GOAL_MS)}")
-            print(f"        seal pieces (median µs): record {m['piece_record']:.0f}, seal_pending {m['piece_seal_pending']:.0f}"
-                  f" = head {m['piece_head']:.0f} + canonical {m['piece_canonical']:.0f} + hmac {m['piece_hmac']:.0f} "
-                  f"+ insert {m['piece_insert']:.0f}")
+            print(f"goal 1{label}: one audit event in a {args.backend} write transaction (UPDATE one task, "
+                  f"COMMIT; {m['events']:,} events in the table; median of {args.runs} runs): extra "
+                  f"{m['diff_p50']:.3f} ms median, {m['diff_p95']:.3f} ms p95, {m['diff_mean']:.3f} ms mean (with "
+                  f"event {m['with_p50']:.3f} / without {m['without_p50']:.3f} ms median); goal <= "
+                  f"{APPEND_GOAL_MS:g} ms; {verdict(m['diff_p50'], APPEND_GOAL_MS)}")
+            print(f"        seal pieces (median µs): record {m['piece_record']:.0f}, seal_pending "
+                  f"{m['piece_seal_pending']:.0f} = head {m['piece_head']:.0f} + canonical "
+                  f"{m['piece_canonical']:.0f} + hmac {m['piece_hmac']:.0f} + insert {m['piece_insert']:.0f}")
     if g2:
         figures.update(verify_s=g2["verify_s"], verify_cli_s=g2["cli_s"])
         print(f"goal 2: verify {g2['events']:,.0f} events, median of {args.runs}: verify_chain {g2['verify_s']:.2f} s "
@@ -458,8 +367,8 @@ def report(args, g1: dict | None, g1_big: dict | None, g2: dict | None, g3: dict
                     growth = g3[f"{kind}_{fmt}_growth"]
                     figures[f"{kind}_{fmt}_growth_mib"] = growth
                     what = "`audit export` process" if kind == "cli" else "`serve` process, one client downloading"
-                    print(f"goal 3 ({kind} {fmt}): export of {args.events:,} events, RSS growth of the {what}, median of "
-                          f"{args.runs}: {growth:.1f} MiB ({g3[f'{kind}_{fmt}_events_s']:,.0f} events/s, "
+                    print(f"goal 3 ({kind} {fmt}): export of {args.events:,} events, RSS growth of the {what}, "
+                          f"median of {args.runs}: {growth:.1f} MiB ({g3[f'{kind}_{fmt}_events_s']:,.0f} events/s, "
                           f"{g3[f'{kind}_{fmt}_mb_s']:.1f} MB/s); goal <= {EXPORT_GOAL_MIB:g} MiB; "
                           f"{verdict(growth, EXPORT_GOAL_MIB)}")
     return figures
@@ -519,7 +428,7 @@ def main() -> int:
                 if 1 in args.goals:
                     g1_big = goal_append(args, site, "after the fill")
                 if args.profile:
-                    profile(site)
+                    a.profile(site, verify_in_process)
             finally:
                 site.close()
     finally:
