@@ -117,11 +117,11 @@ class AuditChain:
     after_commit: list[Callable[[list[dict]], None]] = field(default_factory=list)
     forwarder: Any = None  # audit.syslog.SyslogForwarder when forwarding is on
 
-
     def checkpoint_due(self, first_id: int, last_id: int) -> bool:
         """True when a commit of events first_id..last_id should leave a checkpoint."""
-        crossed = self.checkpoint_every > 0 and last_id // self.checkpoint_every != (first_id - 1) // self.checkpoint_every
-        stale = self.checkpoint_seconds > 0 and time.monotonic() - self.checkpoints.last_written >= self.checkpoint_seconds
+        every, seconds = self.checkpoint_every, self.checkpoint_seconds
+        crossed = every > 0 and last_id // every != (first_id - 1) // every
+        stale = seconds > 0 and time.monotonic() - self.checkpoints.last_written >= seconds
         return crossed or stale
 
 
