@@ -155,7 +155,8 @@ def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] 
     want = {c.count for c in valid if c.count >= start_id}
     # Plain DB-API rows (SQLAlchemy's per-row processing would double the time of a million-event
     # walk); a server-side cursor on PostgreSQL, closed even when the walk stops at a bad event.
-    cursor = conn.exec_driver_sql(_RAW_ROWS, execution_options={"stream_results": True, "yield_per": 10_000})
+    sql = _RAW_ROWS_PG if conn.dialect.name == "postgresql" else _RAW_ROWS
+    cursor = conn.exec_driver_sql(sql, execution_options={"stream_results": True, "yield_per": 10_000})
     try:
         result, seen = walk(_raw_events(cursor), key, start_id=start_id, start_prev=start_prev, want=want)
     finally:
@@ -200,8 +201,11 @@ def _raw_events(rows) -> Iterator[dict[str, Any]]:
     for raw in rows:
         event = dict(zip(names, raw))
         ts, details = event["ts"], event["details"]
-        if isinstance(ts, str):  # SQLite: 'YYYY-MM-DD HH:MM:SS.ffffff' as SQLAlchemy stores it
-            event["ts"] = (ts[:10] + "T" + ts[11:23] + "Z") if len(ts) == 26 else format_ts(datetime.fromisoformat(ts))
+        if isinstance(ts, str):
+            if not ts.endswith("Z"):  # (PostgreSQL's to_char spelled it already)
+                # SQLite: 'YYYY-MM-DD HH:MM:SS.ffffff', as SQLAlchemy stores it
+                event["ts"] = (ts[:10] + "T" + ts[11:23] + "Z") if len(ts) == 26 \
+                    else format_ts(datetime.fromisoformat(ts))
         elif ts is not None:
             event["ts"] = format_ts(ts)
         if isinstance(details, (str, bytes)):
@@ -214,5 +218,10 @@ def _raw_events(rows) -> Iterator[dict[str, Any]]:
 
 _RAW_NAMES = (*FIELDS, *CHAIN_FIELDS)
 _RAW_ROWS = f"SELECT {', '.join(_RAW_NAMES)} FROM audit_events ORDER BY id"
+# PostgreSQL spells the time and the details as text itself (on its own core, while this one
+# hashes): the driver's timestamp and JSONB loaders would cost more than json.loads here.
+_RAW_ROWS_PG = _RAW_ROWS.replace(
+    "ts,", "to_char(date_trunc('milliseconds', ts), 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),", 1).replace(
+    "details,", "details::text,", 1)
 _HEX64 = re.compile("[0-9a-f]{64}")
 _ANCHOR = AuditAnchor.__table__.select().order_by(AuditAnchor.__table__.c.last_id.desc()).limit(1)
