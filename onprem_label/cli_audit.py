@@ -16,7 +16,7 @@ from onprem_label.audit.export import FORMATS, public_key_hex, signing_key, stre
 from onprem_label.audit.search import FilterError, count_matching, parse_filter, parse_time, stream
 from onprem_label.audit.site import chain_for
 from onprem_label.audit.text import escape_text
-from onprem_label.audit.verify import Problem, VerifyResult, verify_chain
+from onprem_label.audit.verify import Problem, VerifyResult, verify_and_record
 from onprem_label.clock import utcnow
 from onprem_label.db.engine import read_connection
 from onprem_label.db.models import AuditAnchor
@@ -67,18 +67,18 @@ def audit_verify(ctx: click.Context, as_json: bool, archives: bool) -> None:
     from onprem_label.cli_ingest import console_name
 
     settings, _, chain, engine, maker = _site(ctx)
-    try:
-        with read_connection(engine, snapshot=True) as conn:
-            result = verify_chain(conn, chain)
+
+    def check_archives(result: VerifyResult) -> None:
+        if not (archives and result.ok):
+            return
+        with read_connection(engine) as conn:
             anchors = list(conn.execute(AuditAnchor.__table__.select().order_by(AuditAnchor.__table__.c.last_id)))
-        if archives and result.ok:
-            result.problem = _verify_archives(settings.data_path / "audit" / "archive", chain.key, anchors)
-            result.warnings = [w for w in result.warnings if "were archived" not in w or result.problem]
+        result.problem = _verify_archives(settings.data_path / "audit" / "archive", chain.key, anchors)
+        result.warnings = [w for w in result.warnings if "were archived" not in w or result.problem]
+
+    try:
         with maker() as db:
-            record(db, AuditAction.AUDIT_VERIFY, actor_name=console_name(), object_type="audit",
-                   outcome="success" if result.ok else "failure",
-                   details={"events": result.events, "problem": result.as_dict()["problem"]})
-            db.commit()
+            result = verify_and_record(db, engine, chain, actor_name=console_name(), extra=check_archives)
     finally:
         engine.dispose()
     _print_result(result, as_json, "audit chain")

@@ -70,6 +70,8 @@ def test_a_malformed_filter_is_a_422_naming_the_field(auditor, query, field):
     assert response.get_json()["error"]["errors"][0]["field"] == field
     if field not in ("limit", "before"):  # paging is the search's; an export is the whole filtered set
         assert auditor.get(f"/api/v1/audit/export?{query}").status_code == 422
+    bad_format = auditor.get("/api/v1/audit/export?format=xlsx")
+    assert bad_format.status_code == 422 and bad_format.get_json()["error"]["errors"][0]["field"] == "format"
     page = auditor.get(f"/audit-log?{query}")
     assert page.status_code == 422 and f'data-field="{field}"'.encode() in page.data
 

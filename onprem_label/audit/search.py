@@ -134,7 +134,7 @@ def search(conn: Connection, flt: AuditFilter, *, before: int | None = None,
     return rows, (rows[-1]["id"] if more and rows else None)
 
 
-def matching(conn: Connection, flt: AuditFilter, *, up_to: int) -> Select:
+def matching(flt: AuditFilter, *, up_to: int) -> Select:
     """The query of every matching event with id <= `up_to`, oldest first (exports stream it)."""
     return select(*_COLUMNS).where(*flt.clauses(), _TABLE.c.id <= up_to).order_by(_TABLE.c.id)
 
@@ -146,7 +146,7 @@ def count_matching(conn: Connection, flt: AuditFilter, *, up_to: int) -> int:
 
 def stream(conn: Connection, flt: AuditFilter, *, up_to: int, batch: int = 5000) -> Iterator[dict]:
     """Every matching event up to `up_to`, oldest first, fetched `batch` rows at a time."""
-    result = conn.execute(matching(conn, flt, up_to=up_to),
+    result = conn.execute(matching(flt, up_to=up_to),
                           execution_options={"stream_results": True, "yield_per": batch})
     try:
         for row in result:

@@ -178,6 +178,29 @@ def verify_chain(conn: Connection, chain) -> VerifyResult:
     return verify_database(conn, chain.key, checkpoints, bad)
 
 
+def verify_and_record(session, engine, chain, *, actor=None, actor_name: str | None = None,
+                      context=None, now=None, extra: dict | None = None) -> VerifyResult:
+    """Walk the chain in one snapshot, then record the verification (audit:verify) and commit.
+
+    `extra`: a further check of the caller's (the CLI's archive files) run before the event is
+    written, as `extra(result)`, which may set `result.problem`.
+    """
+    from onprem_label.audit.actions import AuditAction
+    from onprem_label.audit.record import CONSOLE, record
+    from onprem_label.db.engine import read_connection
+
+    with read_connection(engine, snapshot=True) as conn:
+        result = verify_chain(conn, chain)
+    if extra is not None:
+        extra(result)
+    record(session, AuditAction.AUDIT_VERIFY, actor=actor, actor_name=actor_name, object_type="audit",
+           outcome="success" if result.ok else "failure",
+           details={"events": result.events, "problem": result.as_dict()["problem"]},
+           context=context or CONSOLE, now=now)
+    session.commit()
+    return result
+
+
 def _check_checkpoints(valid: list[Checkpoint], result: VerifyResult, seen: dict[int, str], anchor) -> Problem | None:
     """The first checkpoint the chain contradicts, as a problem."""
     for checkpoint in sorted(valid, key=lambda c: c.count):

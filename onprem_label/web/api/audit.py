@@ -10,7 +10,7 @@ from onprem_label.audit.atna import iter_messages
 from onprem_label.audit.chain import chain_of, head
 from onprem_label.audit.export import FORMATS, signing_key, stream_export
 from onprem_label.audit.search import FilterError, count_matching, parse_filter, parse_page, search, stream
-from onprem_label.audit.verify import verify_chain
+from onprem_label.audit.verify import verify_and_record
 from onprem_label.auth.roles import Permission
 from onprem_label.db.engine import read_connection
 from onprem_label.web.api import bp
@@ -96,12 +96,6 @@ def audit_export():
 def audit_verify():
     """Walk the chain and the checkpoints: `ok`, and the first bad event when not."""
     dbs = db()
-    chain = chain_of(dbs)
-    with read_connection(services().engine, snapshot=True) as conn:
-        result = verify_chain(conn, chain)
-    record(dbs, AuditAction.AUDIT_VERIFY, actor=_actor(), object_type="audit",
-           outcome="success" if result.ok else "failure",
-           details={"events": result.events, "problem": result.as_dict()["problem"]},
-           context=audit_context(), now=now())
-    dbs.commit()
+    result = verify_and_record(dbs, services().engine, chain_of(dbs), actor=_actor(), context=audit_context(),
+                               now=now())
     return jsonify(result.as_dict())

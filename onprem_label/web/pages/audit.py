@@ -13,7 +13,7 @@ from onprem_label.audit.chain import chain_of
 from onprem_label.audit.export import public_key_hex, signing_key
 from onprem_label.audit.search import OUTCOMES, FilterError, parse_filter, parse_page, search
 from onprem_label.audit.text import escape_text
-from onprem_label.audit.verify import verify_chain
+from onprem_label.audit.verify import verify_and_record
 from onprem_label.auth.roles import Permission
 from onprem_label.db.engine import read_connection
 from onprem_label.web.context import audit_context, db, now, services
@@ -61,13 +61,7 @@ def verify():
     """Walk the chain now and show the verdict, the first bad event, and what to keep off-system."""
     svc, dbs = services(), db()
     chain = chain_of(dbs)
-    with read_connection(svc.engine, snapshot=True) as conn:
-        result = verify_chain(conn, chain)
-    record(dbs, AuditAction.AUDIT_VERIFY, actor=_actor(), object_type="audit",
-           outcome="success" if result.ok else "failure",
-           details={"events": result.events, "problem": result.as_dict()["problem"], "page": "web"},
-           context=audit_context(), now=now())
-    dbs.commit()
+    result = verify_and_record(dbs, svc.engine, chain, actor=_actor(), context=audit_context(), now=now())
     checkpoints = chain.checkpoints.read()[0][-5:] if chain.checkpoints is not None else []
     return render_template("audit/verify.html", result=result, checkpoints=checkpoints,
                            public_key=public_key_hex(signing_key(svc.keyring)))
