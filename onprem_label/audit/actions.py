@@ -41,6 +41,18 @@ class AuditAction(StrEnum):
     PROJECT_UPDATE = "project:update"
     PROJECT_SCHEMA = "project:schema"
     PROJECT_MEMBER_ADD = "project:member_add"
+    PROJECT_MEMBER_REMOVE = "project:member_remove"
+
+    GOLD_MARK = "gold:mark"
+    GOLD_UNMARK = "gold:unmark"
+    GOLD_CHECK = "gold:check"
+    QUALIFICATION_START = "qualification:start"
+    QUALIFICATION_FINISH = "qualification:finish"
+    PEOPLE_PROPOSE = "people:propose"
+    PEOPLE_DECIDE = "people:decide"
+    PAY_ENTRY = "pay:entry"
+    PAY_STATEMENT = "pay:statement"
+    QUALITY_VIEW = "quality:view"
 
     TASK_LEASE = "task:lease"
     TASK_RELEASE = "task:release"

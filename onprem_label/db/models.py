@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, Float, ForeignKey, Index, Integer,
-                        LargeBinary, String, Text, UniqueConstraint)
+                        LargeBinary, String, Text, UniqueConstraint, text)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -333,12 +333,26 @@ class Task(Base):
         Index("ix_tasks_queue", "project_id", "state", "id"),
         Index("ix_tasks_expiry", "project_id", "state", "lease_expires_at"),
         Index("ix_tasks_labeler_state", "project_id", "labeler_id", "state", "updated_at"),
+        CheckConstraint("purpose IN ('work', 'held', 'gold', 'qualification')", name="purpose"),
+        Index("ix_tasks_item_id", "item_id"),
+        # One work task per consensus slot of an item; gold and qualification tasks are one per
+        # person and answer, so they stay outside the constraint.
+        Index("uq_tasks_item_slot", "item_id", "slot", unique=True,
+              sqlite_where=text("purpose IN ('work', 'held')"), postgresql_where=text("purpose IN ('work', 'held')")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="RESTRICT"))
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="RESTRICT"), unique=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="RESTRICT"))
     state: Mapped[str] = mapped_column(String(16), default="new")
+    # work: real labeling work; held: an item's work task held back while the item is gold;
+    # gold: a hidden gold check handed to one labeler; qualification: one question of a test.
+    purpose: Mapped[str] = mapped_column(String(16), default="work", server_default="work")
+    slot: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # consensus copy 0..k-1
+    # Consensus: the item's agreement across its k copies, once all were submitted (low first to review).
+    agreement: Mapped[float | None] = mapped_column(Float)
+    # Active seconds of the current lease (the work log's line when the lease ends).
+    lease_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     round: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, default=1)
     labeler_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
@@ -392,3 +406,8 @@ class Review(Base):
     shape_id: Mapped[str | None] = mapped_column(String(64))  # a reject comment pinned to one shape
     annotation_revision: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# The quality and people tables live in their own module; importing it here registers them
+# wherever the models are loaded.
+from onprem_label.db import quality  # noqa: E402,F401

@@ -56,3 +56,9 @@ class LeaseLost(Conflict):
     """The caller does not hold a live lease on the task (expired, released or someone else's)."""
 
     code = "lease_lost"
+
+
+class QualificationRequired(Forbidden):
+    """The project asks for a passed qualification test before live work; `extra` says where the caller stands."""
+
+    code = "qualification_required"

@@ -9,22 +9,25 @@ late save or submit finds no lease (409).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, or_, select, text
+from sqlalchemy import bindparam, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import User
-from onprem_label.workflow import taskrows
+from onprem_label.db.quality import WorkLog
+from onprem_label.workflow import gold, qualification, taskrows
 from onprem_label.workflow.errors import IllegalTransition, LeaseLost
 from onprem_label.workflow.members import require_role
 from onprem_label.workflow.settings import project_settings
 from onprem_label.workflow.taskrows import TASKS as T, TaskRow, first_of, queue_query, write_task
 
 HEARTBEAT_CAP = timedelta(minutes=2)  # longer gaps are idle time, not work
+_LOG_WORK = insert(WorkLog.__table__)
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,25 @@ HELD = {state: select(T).where(T.c.project_id == _P, T.c.lease_owner_id == _U, T
 # One condition per query (no OR on the labeler's side): each is answered from an index, so the
 # cost does not grow with the project (an OR made SQLite scan the project's tasks and sort them).
 _MINE = (T.c.project_id == _P, T.c.labeler_id == _U)
-LABEL_QUEUES = {
+_WORK = T.c.purpose == "work"
+_NOT_WORK = T.c.purpose != "work"
+MY_QUEUES = {
     "rework": queue_query(*_MINE, T.c.state == "rework", order_by=[T.c.updated_at, T.c.id]),
-    # my own rework whose lease lapsed while I held it
-    "lapsed rework": queue_query(*_MINE, T.c.state == "labeling", T.c.round > 0, T.c.lease_expires_at <= _NOW,
-                                 order_by=[T.c.updated_at, T.c.id]),
+    # my own rework (or gold check, or test question) whose lease lapsed while I held it
+    "lapsed mine": queue_query(*_MINE, T.c.state == "labeling", or_(T.c.round > 0, _NOT_WORK),
+                               T.c.lease_expires_at <= _NOW, order_by=[T.c.updated_at, T.c.id]),
+    # my gold checks and test questions not begun, or given back
+    "mine new": queue_query(*_MINE, T.c.state == "new", _NOT_WORK, order_by=[T.c.id]),
+}
+SHARED_QUEUES = {
     # the first lap of the queue: new tasks by id, then first-round tasks whose holder vanished
-    "new": queue_query(T.c.project_id == _P, T.c.state == "new", order_by=[T.c.id]),
-    "lapsed new": queue_query(T.c.project_id == _P, T.c.state == "labeling", T.c.round == 0,
+    "new": queue_query(T.c.project_id == _P, T.c.state == "new", _WORK, order_by=[T.c.id]),
+    "lapsed new": queue_query(T.c.project_id == _P, T.c.state == "labeling", T.c.round == 0, _WORK,
                               T.c.lease_expires_at <= _NOW, order_by=[T.c.lease_expires_at, T.c.id]),
 }
+LABEL_QUEUES = {**MY_QUEUES, **SHARED_QUEUES}
+TEST_QUEUES = {name: queue_query(*_MINE, T.c.state == state, T.c.purpose == "qualification", *extra, order_by=[T.c.id])
+               for name, state, extra in (("test", "new", ()), ("lapsed test", "labeling", (T.c.lease_expires_at <= _NOW,)))}
 _NOT_MINE = or_(T.c.labeler_id.is_(None), T.c.labeler_id != _U)
 REVIEW_QUEUES = {
     "submitted": queue_query(T.c.project_id == _P, T.c.state == "submitted", _NOT_MINE,
@@ -73,13 +85,16 @@ REVIEW_QUEUES = {
 
 
 def lease_next_task(db: Session, project, user: User, *, review: bool, now: datetime,
-                    context: AuditContext = CONSOLE) -> Lease | None:
+                    context: AuditContext = CONSOLE, rng: random.Random | None = None) -> Lease | None:
     """The caller's next task, leased to them; None when there is no work.
 
     Labelers get their own rework first (oldest first), then new work; reviewers ask for review
     work separately and never get a task they labeled. A caller who already holds a live lease
     of that kind in the project gets the same task again (a reload must not grab a second one).
-    `project` is a row or object with id and settings.
+    A project with a qualification test hands a labeler who has not passed it their test questions
+    only (403 without a test under way); a share of new work (hidden_gold_rate) is a hidden gold
+    check, handed out by the same path and shown the same way. `project` is a row or object with
+    id and settings; `rng` is for simulations (the system's randomness otherwise).
     """
     require_role(db, project.id, user, "reviewer" if review else "labeler")
     conn, params = db.connection(), {"project_id": project.id, "user_id": user.id, "now": now}
@@ -93,10 +108,26 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
                details={"project_id": held.project_id, "item_id": held.item_id, "held": True},
                context=context, now=now)
         return Lease(held, _kind(held, review))
-    for query in (REVIEW_QUEUES if review else LABEL_QUEUES).values():
+    settings = project_settings(project)
+    if review:
+        return _first_granted(db, conn, REVIEW_QUEUES, params, user, True, settings, now, context)
+    if not qualification.may_work(db, project.id, user.id, settings):
+        return _first_granted(db, conn, TEST_QUEUES, params, user, False, settings, now, context) or \
+            qualification.refuse(db, project.id, user.id, settings, now)
+    lease = _first_granted(db, conn, MY_QUEUES, params, user, False, settings, now, context)
+    if lease is None and (item_id := gold.draw_hidden_gold(conn, project.id, user.id, settings.hidden_gold_rate, rng)):
+        task = gold.new_gold_task(conn, project_id=project.id, item_id=item_id, user_id=user.id, purpose="gold", now=now)
+        lease = _grant(db, task, user, False, settings.lease_minutes, now, context)
+    return lease or _first_granted(db, conn, SHARED_QUEUES, params, user, False, settings, now, context)
+
+
+def _first_granted(db: Session, conn, queues: dict, params: dict, user: User, review: bool, settings, now: datetime,
+                   context: AuditContext) -> Lease | None:
+    """The first task any of the queues finds, leased to the caller."""
+    for query in queues.values():
         task = first_of(conn, query, **params)
         if task is not None:
-            return _grant(db, task, user, review, project_settings(project).lease_minutes, now, context)
+            return _grant(db, task, user, review, settings.lease_minutes, now, context)
     return None
 
 
@@ -113,7 +144,7 @@ def _grant(db: Session, task: TaskRow, user: User, review: bool, minutes: int, n
     elif task.round == 0:
         task.labeler_id = user.id  # the first lap: whoever labels it owns its rework later
     task.lease_owner_id, task.lease_expires_at = user.id, now + timedelta(minutes=minutes)
-    task.last_heartbeat_at, task.updated_at, task.version = now, now, version + 1
+    task.last_heartbeat_at, task.updated_at, task.version, task.lease_seconds = now, now, version + 1, 0
     write_task(db.connection(), task, version)
     lease = Lease(task, _kind(task, review))
     record(db, AuditAction.TASK_LEASE, actor=user, object_type="task", object_id=task.id,
@@ -133,15 +164,32 @@ def renew_lease(db: Session, task: TaskRow, user: User, *, now: datetime,
     if not holds_lease(task, user, now):
         raise LeaseLost("You no longer hold this task.", state=task.state, version=task.version)
     project = task.project or taskrows.load_project(db.connection(), task.project_id)
-    if task.last_heartbeat_at is not None:
-        task.active_seconds += int(min(now - task.last_heartbeat_at, HEARTBEAT_CAP).total_seconds())
-    task.last_heartbeat_at = now
+    count_active_time(task, now)
     task.lease_expires_at = now + timedelta(minutes=project_settings(project).lease_minutes)
     write_task(db.connection(), task, task.version)  # the version stays: a heartbeat changes no work
     record(db, AuditAction.TASK_HEARTBEAT, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "expires_at": task.lease_expires_at.isoformat(),
                     "active_seconds": task.active_seconds}, context=context, now=now)
     return task
+
+
+def count_active_time(task: TaskRow, now: datetime) -> None:
+    """Add the time since the last heartbeat (capped: a longer gap is idle) to the task and its lease."""
+    if task.last_heartbeat_at is not None:
+        seconds = int(min(max(now - task.last_heartbeat_at, timedelta(0)), HEARTBEAT_CAP).total_seconds())
+        task.active_seconds += seconds
+        task.lease_seconds += seconds
+    task.last_heartbeat_at = now
+
+
+def end_lease(db: Session, task: TaskRow, user: User, kind: str, outcome: str, now: datetime) -> None:
+    """Close the caller's lease: its active time becomes one line of the work log."""
+    count_active_time(task, now)
+    db.connection().execute(_LOG_WORK, {"project_id": task.project_id, "task_id": task.id, "user_id": user.id,
+                                        "kind": kind, "outcome": outcome, "seconds": task.lease_seconds,
+                                        "ended_at": now})
+    task.lease_owner_id = task.lease_expires_at = None
+    task.lease_seconds = 0
 
 
 def release_lease(db: Session, task: TaskRow, user: User, *, now: datetime,
@@ -151,14 +199,15 @@ def release_lease(db: Session, task: TaskRow, user: User, *, now: datetime,
         raise LeaseLost("You no longer hold this task.", state=task.state, version=task.version)
     before, version = task.state, task.version
     if task.state == "labeling":
+        end_lease(db, task, user, "label", "release", now)
         task.state = "new" if task.round == 0 else "rework"
-        if task.round == 0:
-            task.labeler_id = None
+        if task.round == 0 and task.purpose == "work":
+            task.labeler_id = None  # gold checks and test questions stay their person's
     elif task.state == "reviewing":
+        end_lease(db, task, user, "review", "release", now)
         task.state, task.reviewer_id = "submitted", None
     else:
         raise IllegalTransition(f"A {task.state} task cannot be released.", state=task.state, version=task.version)
-    task.lease_owner_id = task.lease_expires_at = None
     task.updated_at, task.version = now, version + 1
     write_task(db.connection(), task, version)
     record(db, AuditAction.TASK_RELEASE, actor=user, object_type="task", object_id=task.id,

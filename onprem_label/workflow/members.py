@@ -98,3 +98,17 @@ def list_members(db: Session, project_id: int) -> list[tuple[User, str]]:
     return list(db.execute(select(User, ProjectMember.role).join(ProjectMember, ProjectMember.user_id == User.id)
                            .where(ProjectMember.project_id == project_id)
                            .order_by(User.username, ProjectMember.role)).all())
+
+
+def remove_member(db: Session, project: Project, user: User, role: str, *, actor: User | None,
+                  context: AuditContext = CONSOLE, now: datetime, reason: str = "") -> bool:
+    """Take a role in the project away (audited); False when the user did not have it."""
+    member = db.get(ProjectMember, (project.id, user.id, role))
+    db.info.pop(_ROLES_CACHE, None)
+    if member is None:
+        return False
+    db.delete(member)
+    record(db, AuditAction.PROJECT_MEMBER_REMOVE, actor=actor, object_type="project", object_id=project.id,
+           details={"user_id": user.id, "username": user.username, "role": role, "reason": reason},
+           context=context, now=now)
+    return True

@@ -1,9 +1,11 @@
-"""A project's workflow settings: validated on save, read with defaults."""
+"""A project's workflow settings: validated on save, read with defaults (docs/quality-and-people.md lists them)."""
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from onprem_label.db.models import Project
@@ -12,15 +14,65 @@ from onprem_label.workflow.errors import Invalid
 
 @dataclass(frozen=True)
 class ProjectSettings:
-    """Review rate (full inspection by default), lease length, rounds before escalation, stacking."""
+    """Review, leases and escalation; gold, qualification and consensus; promotion; pay."""
 
     review_rate: float = 1.0
     lease_minutes: int = 30
     max_rounds: int = 3
     stack_series: bool = False
+    # Gold and how answers are matched (workflow.metrics).
+    hidden_gold_rate: float = 0.05
+    iou_threshold: float = 0.5
+    dice_threshold: float = 0.5
+    point_distance: float = 10.0
+    target_accuracy: float = 0.99
+    # Qualification: 0 items = no test before live work.
+    qualification_items: int = 0
+    qualification_pass: float = 0.8
+    qualification_retakes: int = 2
+    qualification_cooldown_hours: int = 24
+    # Consensus: k independent labelers per item (1 = off).
+    consensus_k: int = 1
+    # Reviewer promotion and demotion (workflow.promotion).
+    promote_min_accepted: int = 200
+    promote_first_pass: float = 0.95
+    promote_gold_accuracy: float = 0.95
+    promote_min_gold: int = 10
+    auto_promote: bool = False
+    demote_agreement: float = 0.90
+    demote_min_reviews: int = 50
+    # Pay (workflow.ledger): decimal strings, exact; empty currency = no ledger.
+    pay_currency: str = ""
+    pay_label_rate: str = "0"
+    pay_review_rate: str = "0"
+    pay_decimals: int = 2
+    pay_gold: bool = False
+    pay_minimum_hourly: str = "0"
 
 
-LIMITS = {"review_rate": (0.01, 1.0), "lease_minutes": (1, 24 * 60), "max_rounds": (1, 100)}
+LIMITS = {"review_rate": (0.01, 1.0), "lease_minutes": (1, 24 * 60), "max_rounds": (1, 100),
+          "hidden_gold_rate": (0.0, 0.5), "iou_threshold": (0.05, 1.0), "dice_threshold": (0.05, 1.0),
+          "point_distance": (0.0, 10_000.0), "target_accuracy": (0.5, 1.0), "qualification_items": (0, 200),
+          "qualification_pass": (0.0, 1.0), "qualification_retakes": (0, 100),
+          "qualification_cooldown_hours": (0, 24 * 365), "consensus_k": (1, 10),
+          "promote_min_accepted": (1, 10**7), "promote_first_pass": (0.0, 1.0), "promote_gold_accuracy": (0.0, 1.0),
+          "promote_min_gold": (0, 10**6), "demote_agreement": (0.0, 1.0), "demote_min_reviews": (1, 10**7),
+          "pay_decimals": (0, 4)}
+MONEY = ("pay_label_rate", "pay_review_rate", "pay_minimum_hourly")
+MAX_RATE = Decimal("1000000")
+
+
+def _text_problem(key: str, value: str) -> str | None:
+    """Why a text setting's value is wrong, or None."""
+    if key == "pay_currency":
+        return None if re.fullmatch(r"(|[A-Z]{3})", value) else "an ISO 4217 code such as EUR, or empty"
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        return "a decimal number such as 0.40"
+    if not amount.is_finite() or not Decimal(0) <= amount <= MAX_RATE or len(value) > 20:
+        return f"a decimal from 0 to {MAX_RATE}"
+    return None
 
 
 def validate_settings(raw: Any) -> dict[str, Any]:
@@ -43,6 +95,9 @@ def validate_settings(raw: Any) -> dict[str, Any]:
         low, high = LIMITS.get(key, (None, None))
         if low is not None and not low <= value <= high:
             problems.append({"field": f"settings.{key}", "message": f"must be from {low} to {high}"})
+            continue
+        if expected is str and (problem := _text_problem(key, value)):
+            problems.append({"field": f"settings.{key}", "message": problem})
             continue
         values[key] = value
     if problems:

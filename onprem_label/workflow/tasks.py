@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import User
-from onprem_label.workflow import taskrows
+from onprem_label.workflow import gold, ledger, promotion, qualification, taskrows
 from onprem_label.workflow.errors import Forbidden, IllegalTransition, Invalid, LeaseLost, NotFound, StaleVersion
-from onprem_label.workflow.leases import holds_lease
+from onprem_label.workflow.leases import end_lease, holds_lease
 from onprem_label.workflow.members import project_roles, require_role
 from onprem_label.workflow.settings import project_settings
 from onprem_label.workflow.shapes import ShapeError, validate_annotation
@@ -102,11 +102,22 @@ def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: da
         raise Invalid("Save the labels before submitting.", errors=[{"field": "annotation", "message": "none saved"}])
     _, project = _validated(db, task, {"shapes": latest.shapes, "classifications": latest.classifications},
                             complete=True)
-    rate = project_settings(project).review_rate
-    task.review_sampled = rate >= 1.0 or secrets.randbelow(10**6) < rate * 10**6
-    task.lease_owner_id = task.lease_expires_at = None
+    settings = project_settings(project)
+    end_lease(db, task, user, "label", "submit", now)
     task.submitted_at, task.updated_at, task.version = now, now, task.version + 1
     details = {"project_id": task.project_id, "round": task.round, "revision": latest.revision}
+    if task.purpose == "qualification":
+        # A test question is scored at once and shown against the reference; no reviewer sees it.
+        qualification.answer(db, task, user, latest, settings, now=now, context=context)
+        write_task(db.connection(), task, version)
+        _accepted(db, task, settings, latest, now, context)
+        record(db, AuditAction.TASK_SUBMIT, actor=user, object_type="task", object_id=task.id,
+               details={**details, "to": task.state}, context=context, now=now)
+        return task
+    if task.purpose == "gold":
+        gold.score_task(db, task, latest, stage="submitted", settings=settings, now=now, context=context)
+    rate = settings.review_rate
+    task.review_sampled = rate >= 1.0 or secrets.randbelow(10**6) < rate * 10**6
     if task.review_sampled:
         task.state = "submitted"
     else:
@@ -117,6 +128,8 @@ def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: da
                             annotation_revision=latest.revision, created_at=now)
         details["auto_accepted"] = f"review rate {rate}"
     write_task(db.connection(), task, version)
+    if task.state == "accepted":
+        _accepted(db, task, settings, latest, now, context)
     record(db, AuditAction.TASK_SUBMIT, actor=user, object_type="task", object_id=task.id,
            details={**details, "to": task.state}, context=context, now=now)
     return task
@@ -144,20 +157,33 @@ def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: 
     taskrows.add_review(db.connection(), task_id=task.id, round=task.round, reviewer_id=user.id, decision=decision,
                         comment=comment, shape_id=shape_id, annotation_revision=revision, created_at=now)
     before_round = task.round
+    settings = project_settings(project or task.project or taskrows.load_project(db.connection(), task.project_id))
+    end_lease(db, task, user, "review", decision, now)
     if decision == "reject":
         task.round += 1
-        project = project or task.project or taskrows.load_project(db.connection(), task.project_id)
-        task.state = "escalated" if task.round >= project_settings(project).max_rounds else "rework"
+        task.state = "escalated" if task.round >= settings.max_rounds else "rework"
     else:
         task.state, task.accepted_at = "accepted", now
-    task.lease_owner_id = task.lease_expires_at = None
     task.updated_at, task.version = now, task.version + 1
     write_task(db.connection(), task, version)
+    if task.state == "accepted":
+        _accepted(db, task, settings, latest_annotation(db, task.id), now, context)
     record(db, AuditAction.TASK_REVIEW, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "decision": decision, "round": before_round, "to": task.state,
                     "labeler_id": task.labeler_id, "revision": revision, "pinned": shape_id is not None},
            context=context, now=now)
     return task
+
+
+def _accepted(db: Session, task: TaskRow, settings, annotation, now: datetime, context: AuditContext) -> None:
+    """What acceptance sets off: the accepted labels of a gold check scored (the accuracy of accepted
+    work is estimated from these), and the pay ledger's entries."""
+    if task.purpose == "gold":
+        gold.score_task(db, task, annotation, stage="accepted", settings=settings, now=now, context=context)
+    ledger.pay_for_acceptance(db, task, settings, now=now, context=context)
+    if task.purpose == "work":
+        project = task.project or taskrows.load_project(db.connection(), task.project_id)
+        promotion.after_acceptance(db, project, task.labeler_id, now=now, context=context)
 
 
 def _comment(comment: Any, *, required: bool) -> str:

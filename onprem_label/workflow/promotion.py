@@ -1,0 +1,135 @@
+"""Reviewer promotion and demotion: proposals from measured figures, confirmed by a manager or automatically."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from onprem_label.audit.actions import AuditAction
+from onprem_label.audit.record import CONSOLE, AuditContext, record
+from onprem_label.db.models import Project, ProjectMember, User
+from onprem_label.db.quality import RoleProposal
+from onprem_label.workflow import members, quality
+from onprem_label.workflow.errors import Conflict, Invalid, NotFound
+from onprem_label.workflow.settings import ProjectSettings, project_settings
+from onprem_label.workflow.taskrows import TASKS as T
+
+CHECK_EVERY = 10  # a labeler's figures are looked at again every this many accepted tasks
+
+
+def promotion_reasons(figures: dict, s: ProjectSettings) -> list[str]:
+    """What keeps a labeler from being proposed as reviewer (empty: propose them)."""
+    gold = figures["gold_accuracy"]
+    first = figures["first_pass"]
+    reasons = []
+    if figures["accepted"] < s.promote_min_accepted:
+        reasons.append(f"{figures['accepted']} accepted tasks, {s.promote_min_accepted} needed")
+    if first["value"] is None or first["value"] < s.promote_first_pass:
+        reasons.append(f"first-pass acceptance {first['value']}, {s.promote_first_pass} needed")
+    if gold["count"] < s.promote_min_gold:
+        reasons.append(f"{gold['count']} gold checks, {s.promote_min_gold} needed")
+    elif gold["value"] is None or gold["value"] < s.promote_gold_accuracy:
+        reasons.append(f"gold accuracy {gold['value']}, {s.promote_gold_accuracy} needed")
+    return reasons
+
+
+def demotion_reason(figures: dict, s: ProjectSettings) -> str | None:
+    """Why a reviewer should be proposed for demotion, or None."""
+    agreement = figures["gold_agreement"]
+    if agreement["count"] >= s.demote_min_reviews and agreement["value"] < s.demote_agreement:
+        return f"agreement with gold {agreement['value']} over {agreement['count']} checks, {s.demote_agreement} needed"
+    return None
+
+
+def evaluate(db: Session, project: Project, *, now: datetime, context: AuditContext = CONSOLE,
+             only_user: int | None = None) -> list[RoleProposal]:
+    """Propose promotions and demotions the figures call for (auto-promote confirms them); the new proposals."""
+    settings = project_settings(project)
+    if only_user is not None:
+        one = quality.labeler_figures(db, project.id, only_user)
+        figures = {"labelers": [{"user_id": only_user, **one}] if one else [], "reviewers": []}
+    else:
+        figures = quality.project_quality(db, project.id, settings)
+    roles: dict[int, set[str]] = {}
+    for user_id, role in db.execute(select(ProjectMember.user_id, ProjectMember.role)
+                                    .where(ProjectMember.project_id == project.id)):
+        roles.setdefault(user_id, set()).add(role)
+    open_ = {(p.user_id, p.kind) for p in db.scalars(select(RoleProposal).where(
+        RoleProposal.project_id == project.id, RoleProposal.status == "open"))}
+    made = []
+    for row in figures["labelers"]:
+        uid = row["user_id"]
+        if (only_user not in (None, uid) or "reviewer" in roles.get(uid, set()) or (uid, "promote") in open_
+                or promotion_reasons(row, settings)):
+            continue
+        made.append(_propose(db, project, uid, "promote", row, "meets every promotion threshold", now, context))
+    for row in figures["reviewers"]:
+        uid, reason = row["user_id"], demotion_reason(row, settings)
+        if (only_user is None and reason and "reviewer" in roles.get(uid, set())
+                and (uid, "demote") not in open_):
+            made.append(_propose(db, project, uid, "demote", row, reason, now, context))
+    if settings.auto_promote:
+        for proposal in made:
+            if proposal.kind == "promote":
+                decide(db, project, proposal.id, True, actor=None, now=now, context=context)
+    return made
+
+
+def after_acceptance(db: Session, project: Project, labeler_id: int | None, *, now: datetime,
+                     context: AuditContext = CONSOLE) -> None:
+    """Look at the labeler's figures again every CHECK_EVERY accepted tasks (cheap: one indexed count)."""
+    if labeler_id is None:
+        return
+    settings = project_settings(project)
+    accepted = db.scalar(select(func.count()).select_from(T).where(
+        T.c.project_id == project.id, T.c.labeler_id == labeler_id, T.c.state == "accepted", T.c.purpose == "work"))
+    if accepted >= settings.promote_min_accepted and accepted % CHECK_EVERY == 0:
+        evaluate(db, project, now=now, context=context, only_user=labeler_id)
+
+
+def _propose(db: Session, project: Project, user_id: int, kind: str, figures: dict, reason: str, now: datetime,
+             context: AuditContext) -> RoleProposal:
+    proposal = RoleProposal(project_id=project.id, user_id=user_id, kind=kind, status="open", figures=figures,
+                            reason=reason, created_at=now)
+    db.add(proposal)
+    db.flush()
+    record(db, AuditAction.PEOPLE_PROPOSE, object_type="project", object_id=project.id,
+           details={"proposal_id": proposal.id, "user_id": user_id, "kind": kind, "reason": reason},
+           context=context, now=now)
+    return proposal
+
+
+def decide(db: Session, project: Project, proposal_id: int, confirm: bool, *, actor: User | None, now: datetime,
+           context: AuditContext = CONSOLE) -> RoleProposal:
+    """Confirm (the role changes) or dismiss an open proposal; audited. `actor` None: the project auto-promoted."""
+    if actor is not None:
+        members.require_role(db, project.id, actor, "manager")
+    if not isinstance(confirm, bool):
+        raise Invalid("confirm is true or false.", errors=[{"field": "confirm", "message": "a boolean"}])
+    proposal = db.get(RoleProposal, proposal_id) if isinstance(proposal_id, int) else None
+    if proposal is None or proposal.project_id != project.id:
+        raise NotFound("No such proposal in this project.")
+    if proposal.status != "open":
+        raise Conflict(f"The proposal is {proposal.status} already.", state=proposal.status)
+    person = db.get(User, proposal.user_id)
+    proposal.status = "confirmed" if confirm else "dismissed"
+    proposal.decided_by, proposal.decided_at = (actor.id if actor else None), now
+    if confirm and proposal.kind == "promote":
+        members.add_member(db, project, person.username, "reviewer", actor=actor, context=context, now=now)
+    elif confirm:
+        members.remove_member(db, project, person, "reviewer", actor=actor, context=context, now=now,
+                              reason=proposal.reason)
+    record(db, AuditAction.PEOPLE_DECIDE, actor=actor, object_type="project", object_id=project.id,
+           details={"proposal_id": proposal.id, "user_id": proposal.user_id, "kind": proposal.kind,
+                    "status": proposal.status, "automatic": actor is None}, context=context, now=now)
+    return proposal
+
+
+def proposals(db: Session, project_id: int, *, status: str | None = None) -> list[RoleProposal]:
+    """The project's proposals, newest first (optionally of one status)."""
+    query = select(RoleProposal).where(RoleProposal.project_id == project_id)
+    if status is not None:
+        query = query.where(RoleProposal.status == status)
+    return list(db.scalars(query.order_by(RoleProposal.id.desc())))
