@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from conftest import PASSWORD, csrf_from
 from imaging_helpers import bearer_for, make_dicom, multipart
 from onprem_label.audit import AuditAction as A
 from onprem_label.auth import accounts, break_glass, tokens, totp
-from onprem_label.db.models import AuditEvent, Task, User
+from onprem_label.db.models import AuditEvent, Project, Task, User
+from onprem_label.db.quality import RoleProposal
+from onprem_label.workflow import gold
 from onprem_label.workflow.members import add_member
 from onprem_label.workflow.projects import create_project
 from test_routes import ANON, AUTOMATIC, caller
@@ -196,6 +198,50 @@ def _next(kind: str, arrange: str | None = None):
     return call
 
 
+REFERENCE = {"shapes": [BOX], "classifications": {"quality": "good"}}
+
+
+def _gold_marked(w: World, _client) -> Call:
+    """The first item made gold."""
+    project = w.db.get(Project, w.project)
+    gold.mark_gold(w.db, project, w.items[0], REFERENCE, actor=w.user("manager"), now=w.clock())
+    w.db.commit()
+    return Call(f"/api/v1/projects/{w.project}/gold/{w.items[0]}")
+
+
+def _test_ready(w: World, client) -> Call:
+    """A project that asks for a one-question test, its gold item ready."""
+    _gold_marked(w, client)
+    project = w.db.get(Project, w.project)
+    project.settings = {**project.settings, "qualification_items": 1}
+    w.db.commit()
+    return Call(f"/api/v1/projects/{w.project}/qualification", json={})
+
+
+def _promotable(w: World, _client) -> Call:
+    """Thresholds of one accepted task, and the labeler has one."""
+    project = w.db.get(Project, w.project)
+    project.settings = {**project.settings, "promote_min_accepted": 1, "promote_first_pass": 0.0,
+                        "promote_min_gold": 0, "promote_gold_accuracy": 0.0}
+    w.db.commit()
+    task = w.reviewing()
+    response = w.setup.post(f"/api/v1/tasks/{task['id']}/review", headers=w.bearer("reviewer"),
+                            json={"decision": "accept", "version": task["version"]})
+    assert response.status_code == 200, response.get_json()
+    w.db.execute(delete(RoleProposal))  # the acceptance may have proposed them already
+    w.db.commit()
+    return Call(f"/api/v1/projects/{w.project}/people/evaluate", json={})
+
+
+def _proposal(w: World, _client) -> Call:
+    """An open proposal to make the labeler a reviewer."""
+    row = RoleProposal(project_id=w.project, user_id=w.ids["labeler"], kind="promote", status="open", figures={},
+                       reason="test", created_at=w.clock())
+    w.db.add(row)
+    w.db.commit()
+    return Call(f"/api/v1/projects/{w.project}/people/proposals/{row.id}", json={"confirm": True})
+
+
 def path(template: str):
     """A call without a body: `template` formatted with the world's project, item, task and target."""
     return lambda w, _c: Call(template.format(p=w.project, i=w.items[0], t=w.tasks[0],
@@ -313,6 +359,19 @@ AUDIT: dict[tuple[str, str], Case | dict[str, Case]] = {
     ("api.release", "POST"): Case("labeler", _on_task("/release", "leased"), (A.TASK_RELEASE,)),
     ("api.reassign", "POST"): Case("manager", _on_task("/reassign", "escalated", username="labeler"),
                                    (A.TASK_REASSIGN,)),
+    ("api.list_gold", "GET"): Case("manager", path("/api/v1/projects/{p}/gold"), READ_ONLY),
+    ("api.mark_gold", "PUT"): Case("manager", body("/api/v1/projects/{p}/gold/{i}", reference=REFERENCE),
+                                   (A.GOLD_MARK,)),
+    ("api.unmark_gold", "DELETE"): Case("manager", _gold_marked, (A.GOLD_UNMARK,), 204),
+    ("api.qualification_status", "GET"): Case("labeler", path("/api/v1/projects/{p}/qualification"), READ_ONLY),
+    ("api.start_qualification", "POST"): Case("labeler", _test_ready, (A.QUALIFICATION_START,), 201),
+    ("api.project_quality", "GET"): Case("manager", path("/api/v1/projects/{p}/quality"), READ_ONLY),
+    ("api.list_proposals", "GET"): Case("manager", path("/api/v1/projects/{p}/people/proposals"), READ_ONLY),
+    ("api.evaluate_people", "POST"): Case("manager", _promotable, (A.PEOPLE_PROPOSE,)),
+    ("api.decide_proposal", "POST"): Case("manager", _proposal, (A.PEOPLE_DECIDE, A.PROJECT_MEMBER_ADD)),
+    ("api.recommended_people", "GET"): Case("manager", path("/api/v1/projects/{p}/people/recommended"), READ_ONLY),
+    ("api.my_skills", "GET"): Case("labeler", path("/api/v1/users/me/skills"), READ_ONLY),
+    ("api.pay_statements", "GET"): Case("manager", path("/api/v1/projects/{p}/pay/statements"), (A.PAY_STATEMENT,)),
     ("projects.create", "POST"): Case("manager", form("/projects", name="Second"), (A.PROJECT_CREATE,), 303),
     ("projects.admin", "GET"): Case("manager", path("/projects/{p}/admin"), READ_ONLY),
     ("work.label", "GET"): Case("labeler", path("/projects/{p}/label"), READ_ONLY),

@@ -156,6 +156,21 @@ def upgrade() -> None:
         batch_op.create_index('ix_work_log_project_user_ended', ['project_id', 'user_id', 'ended_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_work_log_task_id'), ['task_id'], unique=False)
 
+    op.create_table('skill_profiles',
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('skill', sa.String(length=64), nullable=False),
+    sa.Column('reviewed', sa.Integer(), nullable=False),
+    sa.Column('passed', sa.Integer(), nullable=False),
+    sa.Column('gold', sa.Integer(), nullable=False),
+    sa.Column('gold_correct', sa.Integer(), nullable=False),
+    sa.Column('label_seconds', sa.Integer(), nullable=False),
+    sa.Column('label_tasks', sa.Integer(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.CheckConstraint("kind IN ('modality', 'class')", name=op.f('ck_skill_profiles_kind')),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_skill_profiles_user_id_users'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('user_id', 'kind', 'skill', name=op.f('pk_skill_profiles'))
+    )
     with op.batch_alter_table('tasks', schema=None) as batch_op:
         batch_op.add_column(sa.Column('purpose', sa.String(length=16), server_default='work', nullable=False))
         batch_op.add_column(sa.Column('slot', sa.Integer(), server_default='0', nullable=False))
@@ -220,3 +235,4 @@ def downgrade() -> None:
         batch_op.drop_index('ix_pay_entries_project_user_created')
 
     op.drop_table('pay_entries')
+    op.drop_table('skill_profiles')

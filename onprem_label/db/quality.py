@@ -1,4 +1,4 @@
-"""Models of quality and people: gold items and their checks, qualification tests, work time, pay, role proposals."""
+"""Models of quality and people: gold and its checks, qualification tests, work time, skills, pay, role proposals."""
 
 from __future__ import annotations
 
@@ -142,3 +142,25 @@ class RoleProposal(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     decided_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class SkillProfile(Base):
+    """Counters of one person's history in one skill (a modality or a label class), across projects.
+
+    Kept up to date as work is reviewed and gold is scored (workflow.matching), so matching reads a
+    handful of rows and never the person's whole history.
+    """
+
+    __tablename__ = "skill_profiles"
+    __table_args__ = (CheckConstraint("kind IN ('modality', 'class')", name="kind"),)
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    skill: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reviewed: Mapped[int] = mapped_column(Integer, default=0)  # first-round human reviews of their labels
+    passed: Mapped[int] = mapped_column(Integer, default=0)  # of those, accepted as they were
+    gold: Mapped[int] = mapped_column(Integer, default=0)  # first answers on hidden gold
+    gold_correct: Mapped[int] = mapped_column(Integer, default=0)
+    label_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    label_tasks: Mapped[int] = mapped_column(Integer, default=0)  # hand-ins the seconds were spent on
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

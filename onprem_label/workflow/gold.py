@@ -13,7 +13,7 @@ from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import User
 from onprem_label.db.quality import GoldCheck, GoldItem
-from onprem_label.workflow import taskrows
+from onprem_label.workflow import matching, taskrows
 from onprem_label.workflow.errors import Conflict, Invalid, NotFound
 from onprem_label.workflow.members import require_role
 from onprem_label.workflow.metrics import ItemScore, Thresholds, score_item
@@ -123,7 +123,7 @@ _REFERENCE = select(GOLD.c.reference).where(GOLD.c.item_id == bindparam("item_id
 
 
 def score_task(db: Session, task: TaskRow, annotation, *, stage: str, settings: ProjectSettings, now: datetime,
-               context: AuditContext = CONSOLE) -> ItemScore:
+               actor: User | None = None, context: AuditContext = CONSOLE) -> ItemScore:
     """Score a gold or test task's revision against the reference, store the check and audit it."""
     conn = db.connection()
     reference = conn.execute(_REFERENCE, {"item_id": task.item_id}).scalar_one()
@@ -134,7 +134,11 @@ def score_task(db: Session, task: TaskRow, annotation, *, stage: str, settings: 
         purpose="qualification" if task.purpose == "qualification" else "gold", stage=stage, round=task.round,
         revision=annotation.revision, score=result.score, correct=result.correct, detail=result.as_dict(),
         created_at=now))
-    record(db, AuditAction.GOLD_CHECK, object_type="task", object_id=task.id,
+    if task.purpose == "gold" and stage == "submitted" and task.round == 0:
+        item = task.item or taskrows.item_size(conn, task.item_id)
+        matching.bump(conn, task.labeler_id, matching.skills_of(item, reference), now=now, gold=1,
+                      gold_correct=int(result.correct))
+    record(db, AuditAction.GOLD_CHECK, actor=actor, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "item_id": task.item_id, "stage": stage, "round": task.round,
                     "labeler_id": task.labeler_id, "score": round(result.score, 4), "correct": result.correct},
            context=context, now=now)

@@ -20,7 +20,7 @@ from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import User
 from onprem_label.db.quality import WorkLog
-from onprem_label.workflow import gold, qualification, taskrows
+from onprem_label.workflow import gold, matching, qualification, taskrows
 from onprem_label.workflow.errors import IllegalTransition, LeaseLost
 from onprem_label.workflow.members import require_role
 from onprem_label.workflow.settings import project_settings
@@ -118,6 +118,8 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
     if lease is None and (item_id := gold.draw_hidden_gold(conn, project.id, user.id, settings.hidden_gold_rate, rng)):
         task = gold.new_gold_task(conn, project_id=project.id, item_id=item_id, user_id=user.id, purpose="gold", now=now)
         lease = _grant(db, task, user, False, settings.lease_minutes, now, context)
+    if lease is None and (task := matching.preferred_new_task(conn, project.id, user.id, settings.match_window)):
+        lease = _grant(db, task, user, False, settings.lease_minutes, now, context)
     return lease or _first_granted(db, conn, SHARED_QUEUES, params, user, False, settings, now, context)
 
 
@@ -155,6 +157,9 @@ def _grant(db: Session, task: TaskRow, user: User, review: bool, minutes: int, n
 
 
 def _kind(task: TaskRow, review: bool) -> str:
+    # A hidden gold check is "label" or "rework" like any other task; only a test says what it is.
+    if task.purpose == "qualification":
+        return "qualification"
     return "review" if review else ("rework" if task.round > 0 else "label")
 
 
@@ -182,14 +187,15 @@ def count_active_time(task: TaskRow, now: datetime) -> None:
     task.last_heartbeat_at = now
 
 
-def end_lease(db: Session, task: TaskRow, user: User, kind: str, outcome: str, now: datetime) -> None:
-    """Close the caller's lease: its active time becomes one line of the work log."""
+def end_lease(db: Session, task: TaskRow, user: User, kind: str, outcome: str, now: datetime) -> int:
+    """Close the caller's lease: its active time becomes one line of the work log; those seconds."""
     count_active_time(task, now)
     db.connection().execute(_LOG_WORK, {"project_id": task.project_id, "task_id": task.id, "user_id": user.id,
                                         "kind": kind, "outcome": outcome, "seconds": task.lease_seconds,
                                         "ended_at": now})
     task.lease_owner_id = task.lease_expires_at = None
-    task.lease_seconds = 0
+    seconds, task.lease_seconds = task.lease_seconds, 0
+    return seconds
 
 
 def release_lease(db: Session, task: TaskRow, user: User, *, now: datetime,

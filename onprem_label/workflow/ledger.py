@@ -35,7 +35,7 @@ def money(value: str | Decimal, decimals: int) -> Decimal:
 
 
 def pay_for_acceptance(db: Session, task: TaskRow, settings: ProjectSettings, *, now: datetime,
-                       context: AuditContext = CONSOLE) -> list[dict]:
+                       actor: User | None = None, context: AuditContext = CONSOLE) -> list[dict]:
     """Write the entries an accepted task earns (none twice, none without a currency); audited."""
     if not settings.pay_currency or (task.purpose != "work" and not settings.pay_gold):
         return []
@@ -55,7 +55,7 @@ def pay_for_acceptance(db: Session, task: TaskRow, settings: ProjectSettings, *,
                 "created_at": now} for user_id, kind, rate in lines]
     if entries:
         conn.execute(insert(ENTRIES), entries)
-        record(db, AuditAction.PAY_ENTRY, object_type="task", object_id=task.id,
+        record(db, AuditAction.PAY_ENTRY, actor=actor, object_type="task", object_id=task.id,
                details={"project_id": task.project_id, "currency": settings.pay_currency,
                         "entries": [{"user_id": e["user_id"], "kind": e["kind"], "amount": e["amount"]}
                                     for e in entries]}, context=context, now=now)

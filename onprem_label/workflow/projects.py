@@ -91,12 +91,29 @@ def _valid_schema(raw: Any) -> dict:
         raise Invalid("The label schema is not valid.", errors=exc.errors) from None
 
 
-def state_counts(db: Session, project_id: int) -> dict[str, int]:
-    """Tasks per state, every state present (zeros included)."""
+def state_counts(db: Session, project_id: int, *, purposes: tuple[str, ...] = ("work",),
+                 labeler_id: int | None = None) -> dict[str, int]:
+    """Tasks per state, every state present (zeros included): the project's real work by default."""
     counts = dict.fromkeys(TASK_STATES, 0)
-    counts.update(db.execute(select(Task.state, func.count()).where(Task.project_id == project_id)
-                             .group_by(Task.state)).all())
+    query = select(Task.state, func.count()).where(Task.project_id == project_id, Task.purpose.in_(purposes))
+    if labeler_id is not None:
+        query = query.where(Task.labeler_id == labeler_id)
+    counts.update(db.execute(query.group_by(Task.state)).all())
     return counts
+
+
+def counts_for(db: Session, project_id: int, roles: set[str], user_id: int) -> dict[str, int]:
+    """The counts a caller may see without telling a hidden gold check from real work.
+
+    Managers see the real work. Reviewers see work and gold together (both are in their queue). A
+    labeler sees their own tasks only: project-wide counts would give a gold check away (leasing
+    one adds to "labeling" without taking from "new").
+    """
+    if "manager" in roles:
+        return state_counts(db, project_id)
+    if "reviewer" in roles:
+        return state_counts(db, project_id, purposes=("work", "gold"))
+    return state_counts(db, project_id, purposes=("work", "gold"), labeler_id=user_id)
 
 
 def find_project(db: Session, ref: str | int) -> Project:

@@ -30,7 +30,7 @@ def promotion_reasons(figures: dict, s: ProjectSettings) -> list[str]:
         reasons.append(f"first-pass acceptance {first['value']}, {s.promote_first_pass} needed")
     if gold["count"] < s.promote_min_gold:
         reasons.append(f"{gold['count']} gold checks, {s.promote_min_gold} needed")
-    elif gold["value"] is None or gold["value"] < s.promote_gold_accuracy:
+    elif gold["count"] and gold["value"] < s.promote_gold_accuracy:  # (no gold asked for and none measured)
         reasons.append(f"gold accuracy {gold['value']}, {s.promote_gold_accuracy} needed")
     return reasons
 
@@ -43,8 +43,8 @@ def demotion_reason(figures: dict, s: ProjectSettings) -> str | None:
     return None
 
 
-def evaluate(db: Session, project: Project, *, now: datetime, context: AuditContext = CONSOLE,
-             only_user: int | None = None) -> list[RoleProposal]:
+def evaluate(db: Session, project: Project, *, now: datetime, actor: User | None = None,
+             context: AuditContext = CONSOLE, only_user: int | None = None) -> list[RoleProposal]:
     """Propose promotions and demotions the figures call for (auto-promote confirms them); the new proposals."""
     settings = project_settings(project)
     if only_user is not None:
@@ -64,21 +64,21 @@ def evaluate(db: Session, project: Project, *, now: datetime, context: AuditCont
         if (only_user not in (None, uid) or "reviewer" in roles.get(uid, set()) or (uid, "promote") in open_
                 or promotion_reasons(row, settings)):
             continue
-        made.append(_propose(db, project, uid, "promote", row, "meets every promotion threshold", now, context))
+        made.append(_propose(db, project, uid, "promote", row, "meets every promotion threshold", now, actor, context))
     for row in figures["reviewers"]:
         uid, reason = row["user_id"], demotion_reason(row, settings)
         if (only_user is None and reason and "reviewer" in roles.get(uid, set())
                 and (uid, "demote") not in open_):
-            made.append(_propose(db, project, uid, "demote", row, reason, now, context))
+            made.append(_propose(db, project, uid, "demote", row, reason, now, actor, context))
     if settings.auto_promote:
         for proposal in made:
             if proposal.kind == "promote":
-                decide(db, project, proposal.id, True, actor=None, now=now, context=context)
+                decide(db, project, proposal.id, True, actor=None, now=now, context=context, on_behalf_of=actor)
     return made
 
 
 def after_acceptance(db: Session, project: Project, labeler_id: int | None, *, now: datetime,
-                     context: AuditContext = CONSOLE) -> None:
+                     actor: User | None = None, context: AuditContext = CONSOLE) -> None:
     """Look at the labeler's figures again every CHECK_EVERY accepted tasks (cheap: one indexed count)."""
     if labeler_id is None:
         return
@@ -86,24 +86,25 @@ def after_acceptance(db: Session, project: Project, labeler_id: int | None, *, n
     accepted = db.scalar(select(func.count()).select_from(T).where(
         T.c.project_id == project.id, T.c.labeler_id == labeler_id, T.c.state == "accepted", T.c.purpose == "work"))
     if accepted >= settings.promote_min_accepted and accepted % CHECK_EVERY == 0:
-        evaluate(db, project, now=now, context=context, only_user=labeler_id)
+        evaluate(db, project, now=now, actor=actor, context=context, only_user=labeler_id)
 
 
 def _propose(db: Session, project: Project, user_id: int, kind: str, figures: dict, reason: str, now: datetime,
-             context: AuditContext) -> RoleProposal:
+             actor: User | None, context: AuditContext) -> RoleProposal:
     proposal = RoleProposal(project_id=project.id, user_id=user_id, kind=kind, status="open", figures=figures,
                             reason=reason, created_at=now)
     db.add(proposal)
     db.flush()
-    record(db, AuditAction.PEOPLE_PROPOSE, object_type="project", object_id=project.id,
+    record(db, AuditAction.PEOPLE_PROPOSE, actor=actor, object_type="project", object_id=project.id,
            details={"proposal_id": proposal.id, "user_id": user_id, "kind": kind, "reason": reason},
            context=context, now=now)
     return proposal
 
 
 def decide(db: Session, project: Project, proposal_id: int, confirm: bool, *, actor: User | None, now: datetime,
-           context: AuditContext = CONSOLE) -> RoleProposal:
-    """Confirm (the role changes) or dismiss an open proposal; audited. `actor` None: the project auto-promoted."""
+           context: AuditContext = CONSOLE, on_behalf_of: User | None = None) -> RoleProposal:
+    """Confirm (the role changes) or dismiss an open proposal; audited. `actor` None: the project auto-promoted
+    (the events then name `on_behalf_of`, whose request set it off)."""
     if actor is not None:
         members.require_role(db, project.id, actor, "manager")
     if not isinstance(confirm, bool):
@@ -116,12 +117,13 @@ def decide(db: Session, project: Project, proposal_id: int, confirm: bool, *, ac
     person = db.get(User, proposal.user_id)
     proposal.status = "confirmed" if confirm else "dismissed"
     proposal.decided_by, proposal.decided_at = (actor.id if actor else None), now
+    named = actor or on_behalf_of
     if confirm and proposal.kind == "promote":
-        members.add_member(db, project, person.username, "reviewer", actor=actor, context=context, now=now)
+        members.add_member(db, project, person.username, "reviewer", actor=named, context=context, now=now)
     elif confirm:
-        members.remove_member(db, project, person, "reviewer", actor=actor, context=context, now=now,
+        members.remove_member(db, project, person, "reviewer", actor=named, context=context, now=now,
                               reason=proposal.reason)
-    record(db, AuditAction.PEOPLE_DECIDE, actor=actor, object_type="project", object_id=project.id,
+    record(db, AuditAction.PEOPLE_DECIDE, actor=named, object_type="project", object_id=project.id,
            details={"proposal_id": proposal.id, "user_id": proposal.user_id, "kind": proposal.kind,
                     "status": proposal.status, "automatic": actor is None}, context=context, now=now)
     return proposal

@@ -118,7 +118,8 @@ def start_test(db: Session, project, user: User, *, now: datetime, context: Audi
 def answer(db: Session, task: TaskRow, user: User, annotation, settings: ProjectSettings, *, now: datetime,
            context: AuditContext = CONSOLE) -> None:
     """Score one test question (the task is then done: tests are not reviewed); finish the test on the last."""
-    result = gold.score_task(db, task, annotation, stage="submitted", settings=settings, now=now, context=context)
+    result = gold.score_task(db, task, annotation, stage="submitted", settings=settings, now=now, actor=user,
+                             context=context)
     task.state, task.accepted_at, task.review_sampled = "accepted", now, False
     attempt = db.scalar(select(QualificationAttempt).where(QualificationAttempt.project_id == task.project_id,
                                                            QualificationAttempt.user_id == user.id,

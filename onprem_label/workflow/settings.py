@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -33,6 +33,10 @@ class ProjectSettings:
     qualification_cooldown_hours: int = 24
     # Consensus: k independent labelers per item (1 = off).
     consensus_k: int = 1
+    # Matching (workflow.matching): how many tasks at the head of the queue the lease chooses among
+    # (1 = strict queue order), and skills the work needs ("CT", "modality:MR", "class:nodule").
+    match_window: int = 16
+    required_skills: list = field(default_factory=list)
     # Reviewer promotion and demotion (workflow.promotion).
     promote_min_accepted: int = 200
     promote_first_pass: float = 0.95
@@ -54,12 +58,24 @@ LIMITS = {"review_rate": (0.01, 1.0), "lease_minutes": (1, 24 * 60), "max_rounds
           "hidden_gold_rate": (0.0, 0.5), "iou_threshold": (0.05, 1.0), "dice_threshold": (0.05, 1.0),
           "point_distance": (0.0, 10_000.0), "target_accuracy": (0.5, 1.0), "qualification_items": (0, 200),
           "qualification_pass": (0.0, 1.0), "qualification_retakes": (0, 100),
-          "qualification_cooldown_hours": (0, 24 * 365), "consensus_k": (1, 10),
+          "qualification_cooldown_hours": (0, 24 * 365), "consensus_k": (1, 10), "match_window": (1, 200),
           "promote_min_accepted": (1, 10**7), "promote_first_pass": (0.0, 1.0), "promote_gold_accuracy": (0.0, 1.0),
           "promote_min_gold": (0, 10**6), "demote_agreement": (0.0, 1.0), "demote_min_reviews": (1, 10**7),
           "pay_decimals": (0, 4)}
 MONEY = ("pay_label_rate", "pay_review_rate", "pay_minimum_hourly")
 MAX_RATE = Decimal("1000000")
+
+
+MAX_SKILLS = 20
+
+
+def _skills_problem(value: list) -> str | None:
+    """Why a required_skills list is wrong, or None."""
+    if len(value) > MAX_SKILLS or not all(isinstance(s, str) and 0 < len(s) <= 80 and s.strip() == s for s in value):
+        return f"up to {MAX_SKILLS} names such as CT, modality:MR or class:nodule"
+    if any(":" in s and s.split(":", 1)[0] not in ("modality", "class") for s in value):
+        return "a prefix is modality: or class:"
+    return None
 
 
 def _text_problem(key: str, value: str) -> str | None:
@@ -96,7 +112,8 @@ def validate_settings(raw: Any) -> dict[str, Any]:
         if low is not None and not low <= value <= high:
             problems.append({"field": f"settings.{key}", "message": f"must be from {low} to {high}"})
             continue
-        if expected is str and (problem := _text_problem(key, value)):
+        if (expected is str and (problem := _text_problem(key, value))) or \
+                (expected is list and (problem := _skills_problem(value))):
             problems.append({"field": f"settings.{key}", "message": problem})
             continue
         values[key] = value

@@ -64,7 +64,7 @@ _FIELDS = [f.name for f in fields(TaskRow) if f.name not in ("project", "item")]
 _MUTABLE = [name for name in _FIELDS if name not in ("id", "project_id", "item_id", "created_at", "purpose", "slot")]
 
 _PROJECT_COLUMNS = (PROJECTS.c.label_schema, PROJECTS.c.schema_version, PROJECTS.c.settings)
-_ITEM_COLUMNS = (ITEMS.c.width, ITEMS.c.height, ITEMS.c.frames)
+_ITEM_COLUMNS = (ITEMS.c.width, ITEMS.c.height, ITEMS.c.frames, ITEMS.c.modality, ITEMS.c.kind)
 # One statement for the task, its project's schema and settings and its item's size. FOR UPDATE
 # OF tasks: only the task row is locked (PostgreSQL), never the project every request reads.
 _TASK_BY_ID = (select(TASKS, *_PROJECT_COLUMNS, *_ITEM_COLUMNS)
@@ -122,7 +122,7 @@ _PROJECT_AND_ROLES = (select(PROJECTS.c.id, *_PROJECT_COLUMNS, MEMBERS.c.role)
                                                MEMBERS.c.user_id == bindparam("user_id")))
                       .where(PROJECTS.c.id == bindparam("project_id")))
 _ITEM = select(ITEMS).where(ITEMS.c.id == bindparam("item_id"))
-_ITEM_SIZE = select(ITEMS.c.width, ITEMS.c.height, ITEMS.c.frames).where(ITEMS.c.id == bindparam("item_id"))
+_ITEM_SIZE = select(*_ITEM_COLUMNS).where(ITEMS.c.id == bindparam("item_id"))
 _IMAGES = select(IMAGES).where(IMAGES.c.item_id == bindparam("item_id")).order_by(IMAGES.c.position)
 
 
@@ -145,7 +145,7 @@ def member_roles(conn: Connection, project_id: int, user_id: int) -> set[str]:
 
 
 def item_size(conn: Connection, item_id: int):
-    """The item's width, height and frames (a row)."""
+    """The item's width, height, frames, modality and kind (a row)."""
     return conn.execute(_ITEM_SIZE, {"item_id": item_id}).first()
 
 

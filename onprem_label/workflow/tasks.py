@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import User
-from onprem_label.workflow import gold, ledger, promotion, qualification, taskrows
+from onprem_label.workflow import gold, ledger, matching, promotion, qualification, taskrows
 from onprem_label.workflow.errors import Forbidden, IllegalTransition, Invalid, LeaseLost, NotFound, StaleVersion
 from onprem_label.workflow.leases import end_lease, holds_lease
 from onprem_label.workflow.members import project_roles, require_role
@@ -103,19 +103,23 @@ def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: da
     _, project = _validated(db, task, {"shapes": latest.shapes, "classifications": latest.classifications},
                             complete=True)
     settings = project_settings(project)
-    end_lease(db, task, user, "label", "submit", now)
+    seconds = end_lease(db, task, user, "label", "submit", now)
+    item = task.item or taskrows.item_size(db.connection(), task.item_id)
+    matching.bump(db.connection(), user.id, matching.skills_of(item, None), now=now, label_seconds=seconds,
+                  label_tasks=1)
     task.submitted_at, task.updated_at, task.version = now, now, task.version + 1
     details = {"project_id": task.project_id, "round": task.round, "revision": latest.revision}
     if task.purpose == "qualification":
         # A test question is scored at once and shown against the reference; no reviewer sees it.
         qualification.answer(db, task, user, latest, settings, now=now, context=context)
         write_task(db.connection(), task, version)
-        _accepted(db, task, settings, latest, now, context)
+        _accepted(db, task, settings, latest, user, now, context)
         record(db, AuditAction.TASK_SUBMIT, actor=user, object_type="task", object_id=task.id,
                details={**details, "to": task.state}, context=context, now=now)
         return task
     if task.purpose == "gold":
-        gold.score_task(db, task, latest, stage="submitted", settings=settings, now=now, context=context)
+        gold.score_task(db, task, latest, stage="submitted", settings=settings, now=now, actor=user,
+                        context=context)
     rate = settings.review_rate
     task.review_sampled = rate >= 1.0 or secrets.randbelow(10**6) < rate * 10**6
     if task.review_sampled:
@@ -129,7 +133,7 @@ def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: da
         details["auto_accepted"] = f"review rate {rate}"
     write_task(db.connection(), task, version)
     if task.state == "accepted":
-        _accepted(db, task, settings, latest, now, context)
+        _accepted(db, task, settings, latest, user, now, context)
     record(db, AuditAction.TASK_SUBMIT, actor=user, object_type="task", object_id=task.id,
            details={**details, "to": task.state}, context=context, now=now)
     return task
@@ -159,6 +163,11 @@ def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: 
     before_round = task.round
     settings = project_settings(project or task.project or taskrows.load_project(db.connection(), task.project_id))
     end_lease(db, task, user, "review", decision, now)
+    if task.round == 0 and task.purpose != "qualification" and latest is not None:
+        # The labeler's history: a first-round verdict in the item's modality and each class they drew.
+        item = task.item or taskrows.item_size(db.connection(), task.item_id)
+        matching.bump(db.connection(), task.labeler_id, matching.skills_of(item, {"shapes": latest.shapes}), now=now,
+                      reviewed=1, passed=int(decision == "accept"))
     if decision == "reject":
         task.round += 1
         task.state = "escalated" if task.round >= settings.max_rounds else "rework"
@@ -167,7 +176,7 @@ def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: 
     task.updated_at, task.version = now, task.version + 1
     write_task(db.connection(), task, version)
     if task.state == "accepted":
-        _accepted(db, task, settings, latest_annotation(db, task.id), now, context)
+        _accepted(db, task, settings, latest_annotation(db, task.id), user, now, context)
     record(db, AuditAction.TASK_REVIEW, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "decision": decision, "round": before_round, "to": task.state,
                     "labeler_id": task.labeler_id, "revision": revision, "pinned": shape_id is not None},
@@ -175,15 +184,17 @@ def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: 
     return task
 
 
-def _accepted(db: Session, task: TaskRow, settings, annotation, now: datetime, context: AuditContext) -> None:
+def _accepted(db: Session, task: TaskRow, settings, annotation, user: User, now: datetime,
+              context: AuditContext) -> None:
     """What acceptance sets off: the accepted labels of a gold check scored (the accuracy of accepted
     work is estimated from these), and the pay ledger's entries."""
     if task.purpose == "gold":
-        gold.score_task(db, task, annotation, stage="accepted", settings=settings, now=now, context=context)
-    ledger.pay_for_acceptance(db, task, settings, now=now, context=context)
+        gold.score_task(db, task, annotation, stage="accepted", settings=settings, now=now, actor=user,
+                        context=context)
+    ledger.pay_for_acceptance(db, task, settings, now=now, actor=user, context=context)
     if task.purpose == "work":
         project = task.project or taskrows.load_project(db.connection(), task.project_id)
-        promotion.after_acceptance(db, project, task.labeler_id, now=now, context=context)
+        promotion.after_acceptance(db, project, task.labeler_id, now=now, actor=user, context=context)
 
 
 def _comment(comment: Any, *, required: bool) -> str:

@@ -11,13 +11,14 @@ from sqlalchemy import select
 from onprem_label.audit import AuditAction, record
 from onprem_label.auth.roles import Permission
 from onprem_label.db.models import TASK_STATES, Project, ProjectMember, Task, User
+from onprem_label.db.quality import TASK_PURPOSES
 from onprem_label.web.api import bp
 from onprem_label.web.api.items import item_json
 from onprem_label.web.context import audit_context, db, now
 from onprem_label.web.login import require
-from onprem_label.workflow import dashboard, leases, members, taskrows, tasks
+from onprem_label.workflow import dashboard, leases, members, qualification, taskrows, tasks
 from onprem_label.workflow.errors import Forbidden, Invalid, NotFound
-from onprem_label.workflow.projects import create_project, set_schema, state_counts
+from onprem_label.workflow.projects import counts_for, create_project, set_schema, state_counts
 from onprem_label.workflow.settings import validate_settings
 
 PAGE_MAX = 500
@@ -110,9 +111,10 @@ def create_project_api():
 @require()
 def get_project(project_id: int):
     """One project with its task counts per state."""
-    dbs = db()
-    project = members.get_project(dbs, project_id, _user())
-    return jsonify(project_json(project, counts=state_counts(dbs, project.id)))
+    dbs, user = db(), _user()
+    project = members.get_project(dbs, project_id, user)
+    return jsonify(project_json(project, counts=counts_for(dbs, project.id, members.project_roles(dbs, project.id, user),
+                                                           user.id)))
 
 
 @bp.patch("/projects/<id:project_id>")
@@ -135,7 +137,8 @@ def update_project(project_id: int):
     record(dbs, AuditAction.PROJECT_UPDATE, actor=user, object_type="project", object_id=project.id,
            details={"fields": sorted(changes)}, context=audit_context(), now=now())
     dbs.commit()
-    return jsonify(project_json(project, counts=state_counts(dbs, project.id)))
+    return jsonify(project_json(project, counts=counts_for(dbs, project.id, members.project_roles(dbs, project.id, user),
+                                                           user.id)))
 
 
 @bp.get("/projects/<id:project_id>/members")
@@ -198,21 +201,26 @@ def next_task(project_id: int):
 @bp.get("/projects/<id:project_id>/tasks")
 @require()
 def list_tasks(project_id: int):
-    """Managers and reviewers: tasks by id, `?state=&after=&limit=` (<= 500)."""
-    dbs = db()
-    members.get_project(dbs, project_id, _user(), "manager", "reviewer")
-    state = request.args.get("state")
+    """Managers and reviewers: tasks by id, `?state=&after=&limit=` (<= 500); managers may ask for
+    `?purpose=gold|qualification|held` (the real work otherwise) and then see each task's purpose."""
+    dbs, user = db(), _user()
+    members.get_project(dbs, project_id, user, "manager", "reviewer")
+    state, purpose = request.args.get("state"), request.args.get("purpose", "work")
+    if purpose not in TASK_PURPOSES or (purpose != "work" and "manager" not in members.project_roles(dbs, project_id,
+                                                                                                    user)):
+        raise Invalid("Bad purpose.", errors=[{"field": "purpose", "message": " | ".join(TASK_PURPOSES) + " (managers)"}])
     try:
         after, limit = int(request.args.get("after", 0)), min(int(request.args.get("limit", 100)), PAGE_MAX)
     except ValueError:
         raise Invalid("after and limit are whole numbers.", errors=[{"field": "after", "message": "integer"}]) from None
     if state is not None and state not in TASK_STATES or limit < 1 or after < 0:
         raise Invalid("Bad filter.", errors=[{"field": "state", "message": " | ".join(TASK_STATES)}])
-    query = select(Task).where(Task.project_id == project_id, Task.id > after)
+    query = select(Task).where(Task.project_id == project_id, Task.id > after, Task.purpose == purpose)
     if state:
         query = query.where(Task.state == state)
     rows = dbs.scalars(query.order_by(Task.id).limit(limit)).all()
-    return jsonify({"tasks": [task_json(t) for t in rows],
+    shown = [task_json(t) if purpose == "work" else {**task_json(t), "purpose": t.purpose} for t in rows]
+    return jsonify({"tasks": shown,
                     "next_after": rows[-1].id if len(rows) == limit else None})
 
 
@@ -285,8 +293,13 @@ def submit(task_id: int):
     body = _body()
     task, user = _locked(task_id)
     tasks.submit_task(db(), task, user, body.get("version"), now=now(), context=audit_context())
+    # A test question teaches: the answer against the reference, with its score. (A hidden gold
+    # check answers like any other task.)
+    answer = {"task": task_json(task)}
+    if task.purpose == "qualification":
+        answer["feedback"] = qualification.feedback(db(), task)
     db().commit()
-    return jsonify({"task": task_json(task)})
+    return jsonify(answer)
 
 
 @bp.post("/tasks/<id:task_id>/review")

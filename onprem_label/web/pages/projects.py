@@ -26,7 +26,7 @@ def overview(dbs) -> list[dict]:
     items = dict(dbs.execute(select(Item.project_id, func.count()).group_by(Item.project_id)).all())
     tasks: dict[int, dict[str, int]] = {}
     for project_id, state, count in dbs.execute(select(Task.project_id, Task.state, func.count())
-                                                .group_by(Task.project_id, Task.state)):
+                                                .where(Task.purpose == "work").group_by(Task.project_id, Task.state)):
         tasks.setdefault(project_id, {})[state] = count
     return [{"project": p, "items": items.get(p.id, 0),
              "counts": {state: tasks.get(p.id, {}).get(state, 0) for state in TASK_STATES}}
