@@ -87,7 +87,7 @@ def label_next(db, project, user, draw, clock, rng=None, seconds: int = 0):
     return submitted
 
 
-def review_next(db, project, user, decide, clock):
+def review_next(db, project, user, decide, clock, rng=None):
     """Lease a review and decide it with `decide(task, latest) -> (decision, comment)`; the task or None."""
     lease = leases.lease_next_task(db, project, user, review=True, now=clock())
     if lease is None:
@@ -95,6 +95,6 @@ def review_next(db, project, user, decide, clock):
         return None
     task = lease.task
     decision, comment = decide(task, tasks.latest_annotation(db, task.id))
-    done = tasks.review_task(db, task, user, decision, task.version, comment=comment, now=clock())
+    done = tasks.review_task(db, task, user, decision, task.version, comment=comment, now=clock(), rng=rng)
     db.commit()
     return done

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DatabaseError
 
 from imaging_helpers import bearer_for
-from onprem_label.db.models import AuditEvent, Task
+from onprem_label.db.models import AuditEvent
 from onprem_label.db.quality import PayEntry
 from onprem_label.workflow import ledger
 from onprem_label.workflow.accepted import accepted_work
@@ -329,3 +329,44 @@ def test_bad_quality_settings_are_refused_by_field(client, manager, values, fiel
     response = client.post("/api/v1/projects", headers=manager, json={"name": "x", "settings": values})
     assert response.status_code == 422
     assert [e["field"] for e in response.get_json()["error"]["errors"]] == [field]
+
+
+def test_spot_check_is_a_blind_second_review_that_never_reopens_work(app, client, db, make_user, clock, manager):
+    """An accepted task drawn for a spot check goes to the other reviewer as ordinary review work (the
+    labels as a labeler's revision, no history); a rejection there ends the check, leaves the task
+    accepted, sends nothing back to the labeler and counts against the first reviewer's agreement."""
+    project = make_project(client, manager, spot_check_rate=1.0, hidden_gold_rate=0.0, pay_currency="EUR",
+                           pay_review_rate="0.10")
+    ingest_items(app, db, project, 2, clock)
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=2)
+    me, first, second = people["labeler1"], people["reviewer1"], people["reviewer2"]
+    label_and_submit(client, lease(client, project, me)["task"], me)
+    label_and_submit(client, lease(client, project, me)["task"], me)
+    ordinary = lease(client, project, second, "review")  # a first-round review, to compare with
+    review = lease(client, project, first, "review")
+    assert client.post(f"/api/v1/tasks/{review['task']['id']}/review", headers=first,
+                       json={"decision": "accept", "version": review["task"]["version"]}).status_code == 200
+    assert lease(client, project, first, "review") is None  # never their own acceptance
+    assert client.post(f"/api/v1/tasks/{ordinary['task']['id']}/review", headers=second,
+                       json={"decision": "accept", "version": ordinary["task"]["version"]}).status_code == 200
+    check = lease(client, project, second, "review")
+    assert check["item"]["id"] == review["item"]["id"] and check["kind"] == "review"
+    assert check["reviews"] == [] and check["annotation"]["kind"] == "label"
+    assert _shape(check) == _shape(ordinary)
+    done = client.post(f"/api/v1/tasks/{check['task']['id']}/review", headers=second,
+                       json={"decision": "reject", "comment": "box too loose", "version": check["task"]["version"]})
+    assert done.status_code == 200 and done.get_json()["task"]["state"] == "accepted"
+    original = client.get(f"/api/v1/tasks/{review['task']['id']}", headers=manager).get_json()["task"]
+    assert original["state"] == "accepted"
+    assert lease(client, project, me) is None  # no rework from a spot check
+    figures = client.get(f"/api/v1/projects/{project}/quality", headers=manager).get_json()
+    by_name = {r["username"]: r for r in figures["reviewers"]}
+    assert by_name["reviewer1"]["second_review_agreement"] == {"value": 0.0, "count": 1, "successes": 0,
+                                                                "ci95": [0.0, 0.7935]}
+    events = db.scalars(select(AuditEvent.action).where(AuditEvent.action == "task:spot_check")).all()
+    db.commit()
+    assert len(events) == 2  # one per acceptance (rate 1.0), each waiting for the other reviewer
+    listed = client.get(f"/api/v1/projects/{project}/tasks?purpose=spot_check", headers=manager).get_json()["tasks"]
+    assert listed and all(t["purpose"] == "spot_check" for t in listed)
+    refused = client.get(f"/api/v1/projects/{project}/tasks?purpose=spot_check", headers=first)
+    assert refused.status_code == 422  # reviewers see real work only

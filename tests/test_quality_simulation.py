@@ -52,7 +52,7 @@ def simulated(db, make_user, clock):
             def draw(task, name=name):
                 return answer_for(truths[task.item_id], ERROR_RATES[name], people_rng[name])
             busy |= label_next(db, project, user, draw, clock, rng=rng, seconds=SECONDS[name]) is not None
-        while any([review_next(db, project, reviewer, reviewer_decides, clock) is not None for reviewer in reviewers]):
+        while any([review_next(db, project, reviewer, reviewer_decides, clock, rng) is not None for reviewer in reviewers]):
             busy = True  # the two reviewers take turns until the queue is empty
     db.refresh(project)
     return project, labelers, truths
@@ -80,10 +80,20 @@ def test_simulated_full_inspection_measures_quality_and_promotes_the_best(db, cl
     assert 0.03 <= gold_total / (ITEMS + gold_total) <= 0.07  # about 5% of handed-out tasks were gold
     wrong = sum(not is_right(_accepted_answer(db, t.id), truths[t.item_id]) for t in work)
     assert wrong / ITEMS <= 0.01, wrong
+    accepted_gold, spot = figures["project"]["accepted_gold"], figures["project"]["spot_checks"]
+    assert accepted_gold["count"] == gold_total
+    assert 0.02 * ITEMS <= spot["count"] <= 0.08 * ITEMS  # spot_check_rate 5% of accepted work
     estimate = figures["project"]["estimated_label_accuracy"]
-    assert estimate["count"] == gold_total and estimate["ci95"][0] <= 1 - wrong / ITEMS <= estimate["ci95"][1]
+    assert estimate["count"] == gold_total + spot["count"]
+    assert estimate["ci95"][0] <= 1 - wrong / ITEMS <= estimate["ci95"][1]
+    checks = db.execute(select(Task.id, Task.origin_task_id).where(Task.purpose == "spot_check")).all()
+    assert len(checks) == spot["count"]
+    for check in checks:  # the second reviewer is never the first
+        first = {r.reviewer_id for r in tasks.reviews_of(db, check.origin_task_id) if r.decision == "accept"}
+        assert not first & {r.reviewer_id for r in tasks.reviews_of(db, check.id)}
     for row in figures["reviewers"]:
         assert row["reviews"] > 300
+        assert row["second_review_agreement"]["count"] > 0  # each was spot-checked by the other
         assert (row["gold_agreement"]["count"], row["gold_agreement"]["successes"]) == \
             _gold_agreement_by_truth(db, project.id, row["user_id"], truths)
 

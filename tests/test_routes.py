@@ -107,6 +107,19 @@ MATRIX = {
     # the matrix's other people are not members (404).
     ("work.label", "GET"): row(LOGIN, 403, 403, 404, 404, 404),
     ("work.review", "GET"): row(LOGIN, 403, 403, 404, 404, 404),
+    # Quality and people: managers only, except the test (labelers) and one's own skills and pay.
+    ("api.list_gold", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.mark_gold", "PUT"): row(401, 200, 200, 404, 404, 404),
+    ("api.unmark_gold", "DELETE"): row(401, 404, 404, 404, 404, 404),  # the item is not gold
+    ("api.qualification_status", "GET"): row(401, 403, 403, 404, 404, 404),  # managers are not labelers
+    ("api.start_qualification", "POST"): row(401, 403, 403, 404, 404, 404),
+    ("api.project_quality", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.list_proposals", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.evaluate_people", "POST"): row(401, 200, 200, 404, 404, 404),
+    ("api.decide_proposal", "POST"): row(401, 404, 404, 404, 404, 404),  # no such proposal
+    ("api.recommended_people", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("api.my_skills", "GET"): same_for_roles(401, 200),
+    ("api.pay_statements", "GET"): row(401, 200, 200, 404, 404, 404),
 }
 
 # What each state-changing request sends (besides a valid CSRF token).
@@ -132,6 +145,10 @@ BODY = {
     ("api.release", "POST"): {"json": {}},
     ("api.reassign", "POST"): {"json": {"username": "target", "version": 1}},
     ("projects.create", "POST"): {"data": {"name": "Chest CT"}},  # the matrix project's own name
+    ("api.mark_gold", "PUT"): {"json": {"reference": {"shapes": [], "classifications": {}}}},
+    ("api.start_qualification", "POST"): {"json": {}},
+    ("api.evaluate_people", "POST"): {"json": {}},
+    ("api.decide_proposal", "POST"): {"json": {"confirm": True}},
 }
 
 GET_ROUTES = sorted(key for key in MATRIX if key[1] == "GET")
@@ -182,7 +199,12 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
             **{name: {"project_id": ids["project"]} for name in (
                 "api.get_project", "api.update_project", "api.list_members", "api.add_member",
                 "api.project_dashboard", "api.next_task", "api.list_tasks", "work.label", "work.review",
-                "projects.admin")},
+                "projects.admin", "api.list_gold", "api.qualification_status", "api.start_qualification",
+                "api.project_quality", "api.list_proposals", "api.evaluate_people", "api.recommended_people",
+                "api.pay_statements")},
+            **{name: {"project_id": ids["project"], "item_id": ids["item"]} for name in (
+                "api.mark_gold", "api.unmark_gold")},
+            "api.decide_proposal": {"project_id": ids["project"], "proposal_id": 1},
             **{name: {"task_id": ids["task"]} for name in (
                 "api.get_task", "api.save_annotation", "api.heartbeat", "api.submit", "api.review",
                 "api.release", "api.reassign", "api.task_revisions")}}.get(endpoint, {})

@@ -28,7 +28,7 @@ def make_project(client, manager, name="Chest CT", **settings) -> int:
 
 def test_end_to_end_full_inspection(app, client, db, make_user, clock, manager):
     """3 labelers, 2 reviewers, 50 items: all labeled and reviewed, 10 rejected, reworked, accepted."""
-    project = make_project(client, manager)
+    project = make_project(client, manager, spot_check_rate=0.0)  # exact counts: no random second reviews
     ingest_items(app, db, project, 50, clock)
     people = team(client, db, make_user, clock, manager, project, labelers=3, reviewers=2)
     labelers, reviewers = [people[f"labeler{n}"] for n in (1, 2, 3)], [people[f"reviewer{n}"] for n in (1, 2)]

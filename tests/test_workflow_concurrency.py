@@ -406,7 +406,8 @@ def _workload(tmp_path: Path, database_url: str, server_count: int) -> None:
 def _project_with_team(manager: Person, people: dict) -> int:
     """The project (sampled review) and its members, made through the API; its id."""
     created = manager.expect(201, "POST", "/api/v1/projects", {"name": "Concurrency", "label_schema": SCHEMA,
-                                                               "settings": {"review_rate": REVIEW_RATE}})
+                                                               "settings": {"review_rate": REVIEW_RATE,
+                                                                                "spot_check_rate": 0.0}})
     for name in people:
         if name != "manager":
             role = "labeler" if name.startswith("labeler") else "reviewer"

@@ -176,10 +176,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('slot', sa.Integer(), server_default='0', nullable=False))
         batch_op.add_column(sa.Column('agreement', sa.Float(), nullable=True))
         batch_op.add_column(sa.Column('lease_seconds', sa.Integer(), server_default='0', nullable=False))
+        batch_op.add_column(sa.Column('origin_task_id', sa.Integer(), nullable=True))
+        batch_op.create_foreign_key(batch_op.f('fk_tasks_origin_task_id_tasks'), 'tasks', ['origin_task_id'], ['id'], ondelete='CASCADE')
         batch_op.drop_constraint(batch_op.f('uq_tasks_item_id'), type_='unique')
         batch_op.create_index('ix_tasks_item_id', ['item_id'], unique=False)
         batch_op.create_index('uq_tasks_item_slot', ['item_id', 'slot'], unique=True, sqlite_where=sa.text("purpose IN ('work', 'held')"), postgresql_where=sa.text("purpose IN ('work', 'held')"))
-        batch_op.create_check_constraint('purpose', "purpose IN ('work', 'held', 'gold', 'qualification')")
+        batch_op.create_check_constraint('purpose', "purpose IN ('work', 'held', 'gold', 'qualification', 'spot_check')")
 
     bind = op.get_bind()
     for statement in (PG_TRIGGERS if bind.dialect.name == "postgresql" else SQLITE_TRIGGERS):
@@ -197,9 +199,11 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER IF EXISTS pay_entries_no_delete")
     op.execute("DELETE FROM gold_checks")
     op.execute("DELETE FROM work_log")
-    op.execute("DELETE FROM tasks WHERE purpose IN ('gold', 'qualification') OR slot <> 0")
+    op.execute("DELETE FROM tasks WHERE purpose IN ('gold', 'qualification', 'spot_check') OR slot <> 0")
     with op.batch_alter_table('tasks', schema=None) as batch_op:
         batch_op.drop_constraint('purpose', type_='check')
+        batch_op.drop_constraint(batch_op.f('fk_tasks_origin_task_id_tasks'), type_='foreignkey')
+        batch_op.drop_column('origin_task_id')
         batch_op.drop_index('uq_tasks_item_slot', sqlite_where=sa.text("purpose IN ('work', 'held')"), postgresql_where=sa.text("purpose IN ('work', 'held')"))
         batch_op.drop_index('ix_tasks_item_id')
         batch_op.create_unique_constraint(batch_op.f('uq_tasks_item_id'), ['item_id'])

@@ -62,6 +62,7 @@ class AuditAction(StrEnum):
     TASK_REVIEW = "task:review"
     TASK_REASSIGN = "task:reassign"
     TASK_VIEW = "task:view"
+    TASK_SPOT_CHECK = "task:spot_check"
     ANNOTATION_SAVE = "annotation:save"
 
     ITEM_INGEST = "item:ingest"

@@ -333,7 +333,7 @@ class Task(Base):
         Index("ix_tasks_queue", "project_id", "state", "id"),
         Index("ix_tasks_expiry", "project_id", "state", "lease_expires_at"),
         Index("ix_tasks_labeler_state", "project_id", "labeler_id", "state", "updated_at"),
-        CheckConstraint("purpose IN ('work', 'held', 'gold', 'qualification')", name="purpose"),
+        CheckConstraint("purpose IN ('work', 'held', 'gold', 'qualification', 'spot_check')", name="purpose"),
         Index("ix_tasks_item_id", "item_id"),
         # One work task per consensus slot of an item; gold and qualification tasks are one per
         # person and answer, so they stay outside the constraint.
@@ -346,13 +346,16 @@ class Task(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="RESTRICT"))
     state: Mapped[str] = mapped_column(String(16), default="new")
     # work: real labeling work; held: an item's work task held back while the item is gold;
-    # gold: a hidden gold check handed to one labeler; qualification: one question of a test.
+    # gold: a hidden gold check handed to one labeler; qualification: one question of a test;
+    # spot_check: an accepted task's labels reviewed again, blind, by a second reviewer.
     purpose: Mapped[str] = mapped_column(String(16), default="work", server_default="work")
     slot: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # consensus copy 0..k-1
     # Consensus: the item's agreement across its k copies, once all were submitted (low first to review).
     agreement: Mapped[float | None] = mapped_column(Float)
     # Active seconds of the current lease (the work log's line when the lease ends).
     lease_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A spot check's accepted task (whose reviewer it measures).
+    origin_task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     round: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, default=1)
     labeler_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from onprem_label.db.base import Base, UTCDateTime
 from onprem_label.db.models import JSONType
 
-TASK_PURPOSES = ("work", "held", "gold", "qualification")
+TASK_PURPOSES = ("work", "held", "gold", "qualification", "spot_check")
 
 
 class GoldItem(Base):

@@ -240,9 +240,11 @@ def _store_all(db: Session, store: EncryptedBlobStore, target: IngestTarget,
     for item in {id(slot.item): slot.item for slot, _ in placed}.values():
         _renumber(item)
     db.flush()  # item and image ids, in a few multi-row statements
-    for item in new_items.values():  # its labeling task, in the same transaction (a stack keeps its first)
-        db.add(Task(project_id=project.id, item_id=item.id, state="new", round=0, version=1,
-                    active_seconds=0, created_at=now, updated_at=now))
+    copies = _consensus_k(project)
+    for item in new_items.values():  # its labeling task(s), in the same transaction (a stack keeps its first)
+        for slot in range(copies):  # consensus: k independent copies (workflow.consensus)
+            db.add(Task(project_id=project.id, item_id=item.id, state="new", round=0, version=1, slot=slot,
+                        active_seconds=0, created_at=now, updated_at=now))
     if target.link_key is not None:
         for slot, images in placed:
             for row, image in zip(images, slot.outcome.images):
@@ -252,6 +254,12 @@ def _store_all(db: Session, store: EncryptedBlobStore, target: IngestTarget,
     for slot in slots:
         _audit_slot(db, target, slot, now)
     return slots
+
+
+def _consensus_k(project) -> int:
+    """How many independent labelers each item of the project gets (workflow.settings.consensus_k)."""
+    value = (project.settings or {}).get("consensus_k", 1)
+    return value if isinstance(value, int) and 1 <= value <= 10 else 1
 
 
 def _sorted_out(db: Session, project_id: int,

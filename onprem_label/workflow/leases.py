@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, insert, or_, select, text
+from sqlalchemy import and_, bindparam, exists, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
@@ -66,22 +66,40 @@ MY_QUEUES = {
     # my gold checks and test questions not begun, or given back
     "mine new": queue_query(*_MINE, T.c.state == "new", _NOT_WORK, order_by=[T.c.id]),
 }
-SHARED_QUEUES = {
+_OTHER = T.alias("other")
+# Consensus: nobody labels two copies of one item.
+NOT_MY_ITEM = ~exists().where(_OTHER.c.item_id == T.c.item_id, _OTHER.c.labeler_id == _U)
+
+
+def _shared(*extra) -> dict:
     # the first lap of the queue: new tasks by id, then first-round tasks whose holder vanished
-    "new": queue_query(T.c.project_id == _P, T.c.state == "new", _WORK, order_by=[T.c.id]),
-    "lapsed new": queue_query(T.c.project_id == _P, T.c.state == "labeling", T.c.round == 0, _WORK,
-                              T.c.lease_expires_at <= _NOW, order_by=[T.c.lease_expires_at, T.c.id]),
-}
+    return {"new": queue_query(T.c.project_id == _P, T.c.state == "new", _WORK, *extra, order_by=[T.c.id]),
+            "lapsed new": queue_query(T.c.project_id == _P, T.c.state == "labeling", T.c.round == 0, _WORK,
+                                      T.c.lease_expires_at <= _NOW, *extra,
+                                      order_by=[T.c.lease_expires_at, T.c.id])}
+
+
+SHARED_QUEUES, CONSENSUS_QUEUES = _shared(), _shared(NOT_MY_ITEM)
 LABEL_QUEUES = {**MY_QUEUES, **SHARED_QUEUES}
 TEST_QUEUES = {name: queue_query(*_MINE, T.c.state == state, T.c.purpose == "qualification", *extra, order_by=[T.c.id])
                for name, state, extra in (("test", "new", ()), ("lapsed test", "labeling", (T.c.lease_expires_at <= _NOW,)))}
-_NOT_MINE = or_(T.c.labeler_id.is_(None), T.c.labeler_id != _U)
-REVIEW_QUEUES = {
-    "submitted": queue_query(T.c.project_id == _P, T.c.state == "submitted", _NOT_MINE,
-                             order_by=[T.c.submitted_at, T.c.id]),
-    "lapsed review": queue_query(T.c.project_id == _P, T.c.state == "reviewing", T.c.lease_expires_at <= _NOW,
-                                 _NOT_MINE, order_by=[T.c.lease_expires_at, T.c.id]),
-}
+# A spot check goes to a second reviewer: never to the one who accepted the task it checks.
+_NOT_MY_ACCEPTANCE = or_(T.c.origin_task_id.is_(None),
+                         ~exists().where(_OTHER.c.id == T.c.origin_task_id, _OTHER.c.reviewer_id == _U))
+_NOT_MINE = and_(or_(T.c.labeler_id.is_(None), T.c.labeler_id != _U), _NOT_MY_ACCEPTANCE)
+
+
+def _review(first: list) -> dict:
+    return {"submitted": queue_query(T.c.project_id == _P, T.c.state == "submitted", _NOT_MINE,
+                                     order_by=[*first, T.c.submitted_at, T.c.id]),
+            "lapsed review": queue_query(T.c.project_id == _P, T.c.state == "reviewing",
+                                         T.c.lease_expires_at <= _NOW, _NOT_MINE,
+                                         order_by=[T.c.lease_expires_at, T.c.id])}
+
+
+REVIEW_QUEUES = _review([])
+# Consensus: the items whose copies agree least are reviewed first (copies not all in yet, last).
+CONSENSUS_REVIEW_QUEUES = _review([T.c.agreement.is_(None), T.c.agreement])
 
 
 def lease_next_task(db: Session, project, user: User, *, review: bool, now: datetime,
@@ -109,8 +127,10 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
                context=context, now=now)
         return Lease(held, _kind(held, review))
     settings = project_settings(project)
+    consensus = settings.consensus_k > 1
     if review:
-        return _first_granted(db, conn, REVIEW_QUEUES, params, user, True, settings, now, context)
+        return _first_granted(db, conn, CONSENSUS_REVIEW_QUEUES if consensus else REVIEW_QUEUES, params, user, True,
+                              settings, now, context)
     if not qualification.may_work(db, project.id, user.id, settings):
         return _first_granted(db, conn, TEST_QUEUES, params, user, False, settings, now, context) or \
             qualification.refuse(db, project.id, user.id, settings, now)
@@ -118,9 +138,11 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
     if lease is None and (item_id := gold.draw_hidden_gold(conn, project.id, user.id, settings.hidden_gold_rate, rng)):
         task = gold.new_gold_task(conn, project_id=project.id, item_id=item_id, user_id=user.id, purpose="gold", now=now)
         lease = _grant(db, task, user, False, settings.lease_minutes, now, context)
-    if lease is None and (task := matching.preferred_new_task(conn, project.id, user.id, settings.match_window)):
+    if lease is None and (task := matching.preferred_new_task(conn, project.id, user.id, settings.match_window,
+                                                              consensus=consensus)):
         lease = _grant(db, task, user, False, settings.lease_minutes, now, context)
-    return lease or _first_granted(db, conn, SHARED_QUEUES, params, user, False, settings, now, context)
+    return lease or _first_granted(db, conn, CONSENSUS_QUEUES if consensus else SHARED_QUEUES, params, user, False,
+                                   settings, now, context)
 
 
 def _first_granted(db: Session, conn, queues: dict, params: dict, user: User, review: bool, settings, now: datetime,

@@ -37,14 +37,14 @@ def money(value: str | Decimal, decimals: int) -> Decimal:
 def pay_for_acceptance(db: Session, task: TaskRow, settings: ProjectSettings, *, now: datetime,
                        actor: User | None = None, context: AuditContext = CONSOLE) -> list[dict]:
     """Write the entries an accepted task earns (none twice, none without a currency); audited."""
-    if not settings.pay_currency or (task.purpose != "work" and not settings.pay_gold):
+    if not settings.pay_currency or (task.purpose not in ("work", "spot_check") and not settings.pay_gold):
         return []
     conn = db.connection()
     if conn.execute(select(ENTRIES.c.id).where(ENTRIES.c.task_id == task.id).limit(1)).first() is not None:
         return []  # paid already: acceptance is final, but the ledger is the last guard against paying twice
     label_kind = "label" if task.purpose == "work" else "gold"
     lines = []
-    if task.labeler_id is not None:
+    if task.labeler_id is not None and task.purpose != "spot_check":  # a spot check pays its reviewer only
         lines.append((task.labeler_id, label_kind, settings.pay_label_rate))
     reviewers = conn.execute(select(REVIEWS.c.reviewer_id).where(REVIEWS.c.task_id == task.id,
                                                                  REVIEWS.c.reviewer_id.is_not(None))

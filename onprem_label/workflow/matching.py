@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, exists, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -84,19 +84,28 @@ def fits(rows: dict, kind: str = "modality") -> dict[str, float]:
     return {skill: fit(row, overall) for (k, skill), row in rows.items() if k == kind}
 
 
-_WINDOW = (select(T.c.id, ITEMS.c.modality, ITEMS.c.kind).join(ITEMS, ITEMS.c.id == T.c.item_id)
-           .where(T.c.project_id == bindparam("project_id"), T.c.state == "new", T.c.purpose == "work")
-           .order_by(T.c.id).limit(bindparam("window")))
+_OTHER = T.alias("other")
+_NOT_MY_ITEM = ~exists().where(_OTHER.c.item_id == T.c.item_id, _OTHER.c.labeler_id == bindparam("user_id"))
+
+
+def _window(*extra):
+    return (select(T.c.id, ITEMS.c.modality, ITEMS.c.kind).join(ITEMS, ITEMS.c.id == T.c.item_id)
+            .where(T.c.project_id == bindparam("project_id"), T.c.state == "new", T.c.purpose == "work", *extra)
+            .order_by(T.c.id).limit(bindparam("window")))
+
+
+# (plain, consensus: never a second copy of an item the person labels)
+_WINDOW = {False: _window(), True: _window(_NOT_MY_ITEM)}
 _TAKE = (select(T).where(T.c.id == bindparam("task_id"), T.c.state == "new", T.c.purpose == "work")
          .with_for_update(skip_locked=True))
 
 
-def preferred_new_task(conn, project_id: int, user_id: int, window: int) -> TaskRow | None:
+def preferred_new_task(conn, project_id: int, user_id: int, window: int, *, consensus: bool = False) -> TaskRow | None:
     """The new task at the head of the queue whose modality fits the person best, locked; None to use the
     plain queue (one modality in the window, no window, or the chosen row taken meanwhile)."""
     if window <= 1:
         return None
-    head = conn.execute(_WINDOW, {"project_id": project_id, "window": window}).all()
+    head = conn.execute(_WINDOW[consensus], {"project_id": project_id, "window": window, "user_id": user_id}).all()
     kinds = {modality_of(row) for row in head}
     if len(kinds) < 2:
         return None

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from onprem_label.db.models import User
 from onprem_label.db.quality import GoldCheck, WorkLog
+from onprem_label.workflow import consensus, spotcheck
 from onprem_label.workflow.settings import ProjectSettings
 from onprem_label.workflow.taskrows import REVIEWS as R, TASKS as T
 
@@ -51,8 +52,8 @@ def labeler_figures(db: Session, project_id: int, labeler_id: int) -> dict | Non
     return _labelers(db, project_id, labeler_id).get(labeler_id)
 
 
-def project_quality(db: Session, project_id: int, settings: ProjectSettings) -> dict:
-    """Every quality figure of the project, in a few grouped queries."""
+def project_quality(db: Session, project_id: int, settings: ProjectSettings, schema: dict | None = None) -> dict:
+    """Every quality figure of the project, in a few grouped queries (consensus figures need the schema)."""
     names = dict(db.execute(select(User.id, User.username)).all())
     labelers, reviewers = _labelers(db, project_id), _reviewers(db, project_id)
     accepted_checks = _counts(db, select(func.count(), func.sum(case((CHECKS.c.correct, 1), else_=0)))
@@ -62,12 +63,19 @@ def project_quality(db: Session, project_id: int, settings: ProjectSettings) -> 
                            .where(*_FIRST_GOLD(project_id)))
     reviewed = sum(v["first_pass"]["count"] for v in labelers.values())
     passed = sum(v["first_pass"]["successes"] for v in labelers.values())
-    estimate = proportion(*accepted_checks[::-1])
+    spot = [0, 0]
+    for n, ok in spotcheck.second_review_agreement(db, project_id).values():
+        spot[0], spot[1] = spot[0] + n, spot[1] + ok
+    # Pooled: accepted gold checks whose labels match the reference, and spot-checked acceptances a
+    # second reviewer upheld. Both sample accepted work through the path all work takes.
+    estimate = proportion(accepted_checks[1] + spot[1], accepted_checks[0] + spot[0])
+    meets = None if estimate["ci95"] is None else estimate["ci95"][0] >= settings.target_accuracy
     return {
         "project": {"first_pass_acceptance": proportion(passed, reviewed), "gold_accuracy": proportion(*first_checks[::-1]),
-                    "estimated_label_accuracy": estimate, "target": settings.target_accuracy,
-                    "meets_target": None if estimate["ci95"] is None else estimate["ci95"][0] >= settings.target_accuracy,
-                    "estimated_from": "hidden gold checks accepted by full inspection"},
+                    "estimated_label_accuracy": estimate, "target": settings.target_accuracy, "meets_target": meets,
+                    "accepted_gold": proportion(*accepted_checks[::-1]), "spot_checks": proportion(spot[1], spot[0]),
+                    "estimated_from": "hidden gold checks accepted by full inspection, and spot checks"},
+        "consensus": consensus.project_consensus(db, project_id, schema or {}, settings),
         "labelers": [{"user_id": uid, "username": names.get(uid, ""), **figures}
                      for uid, figures in sorted(labelers.items(), key=lambda kv: names.get(kv[0], ""))],
         "reviewers": [{"user_id": uid, "username": names.get(uid, ""), **figures}
@@ -136,11 +144,13 @@ def _reviewers(db: Session, project_id: int) -> dict[int, dict]:
                               .where(T.c.project_id == project_id, R.c.reviewer_id.is_not(None))
                               .group_by(R.c.reviewer_id)).all())
     time = _time(db, project_id, "review")
+    second = spotcheck.second_review_agreement(db, project_id)
     out = {}
     for uid in set(gold) | set(decided):
         n_gold, ok_gold = gold.get(uid, (0, 0))
         out[uid] = {"reviews": decided.get(uid, 0), "gold_agreement": proportion(ok_gold, n_gold),
-                    "second_review_agreement": proportion(0, 0), "seconds_per_review": time.get(uid)}
+                    "second_review_agreement": proportion(*second.get(uid, (0, 0))[::-1]),
+                    "seconds_per_review": time.get(uid)}
     return out
 
 

@@ -31,8 +31,10 @@ class ProjectSettings:
     qualification_pass: float = 0.8
     qualification_retakes: int = 2
     qualification_cooldown_hours: int = 24
-    # Consensus: k independent labelers per item (1 = off).
+    # Consensus: k independent labelers per item (1 = off); spot checks: the share of accepted
+    # tasks a second reviewer reviews again, blind (their agreement measures the first reviewer).
     consensus_k: int = 1
+    spot_check_rate: float = 0.05
     # Matching (workflow.matching): how many tasks at the head of the queue the lease chooses among
     # (1 = strict queue order), and skills the work needs ("CT", "modality:MR", "class:nodule").
     match_window: int = 16
@@ -59,6 +61,7 @@ LIMITS = {"review_rate": (0.01, 1.0), "lease_minutes": (1, 24 * 60), "max_rounds
           "point_distance": (0.0, 10_000.0), "target_accuracy": (0.5, 1.0), "qualification_items": (0, 200),
           "qualification_pass": (0.0, 1.0), "qualification_retakes": (0, 100),
           "qualification_cooldown_hours": (0, 24 * 365), "consensus_k": (1, 10), "match_window": (1, 200),
+          "spot_check_rate": (0.0, 1.0),
           "promote_min_accepted": (1, 10**7), "promote_first_pass": (0.0, 1.0), "promote_gold_accuracy": (0.0, 1.0),
           "promote_min_gold": (0, 10**6), "demote_agreement": (0.0, 1.0), "demote_min_reviews": (1, 10**7),
           "pay_decimals": (0, 4)}

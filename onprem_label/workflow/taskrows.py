@@ -48,6 +48,7 @@ class TaskRow:
     slot: int
     agreement: float | None
     lease_seconds: int
+    origin_task_id: int | None
     # Read along with the task by load_task (not columns of its row): the project's schema and
     # settings, and the item's size, which every step of the loop checks against.
     project: Any = field(default=None, compare=False, repr=False)
@@ -61,7 +62,8 @@ class TaskRow:
 
 _FIELDS = [f.name for f in fields(TaskRow) if f.name not in ("project", "item")]
 # What a transition may change; written all at once by one prebuilt UPDATE.
-_MUTABLE = [name for name in _FIELDS if name not in ("id", "project_id", "item_id", "created_at", "purpose", "slot")]
+_MUTABLE = [name for name in _FIELDS
+            if name not in ("id", "project_id", "item_id", "created_at", "purpose", "slot", "origin_task_id")]
 
 _PROJECT_COLUMNS = (PROJECTS.c.label_schema, PROJECTS.c.schema_version, PROJECTS.c.settings)
 _ITEM_COLUMNS = (ITEMS.c.width, ITEMS.c.height, ITEMS.c.frames, ITEMS.c.modality, ITEMS.c.kind)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import User
-from onprem_label.workflow import gold, ledger, matching, promotion, qualification, taskrows
+from onprem_label.workflow import consensus, gold, ledger, matching, promotion, qualification, spotcheck, taskrows
 from onprem_label.workflow.errors import Forbidden, IllegalTransition, Invalid, LeaseLost, NotFound, StaleVersion
 from onprem_label.workflow.leases import end_lease, holds_lease
 from onprem_label.workflow.members import project_roles, require_role
@@ -131,6 +131,7 @@ def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: da
                             decision="auto_accept", comment=f"not sampled for review (review rate {rate:.0%})",
                             annotation_revision=latest.revision, created_at=now)
         details["auto_accepted"] = f"review rate {rate}"
+    consensus.after_submit(db, task, project, settings)
     write_task(db.connection(), task, version)
     if task.state == "accepted":
         _accepted(db, task, settings, latest, user, now, context)
@@ -140,8 +141,12 @@ def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: da
 
 
 def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: Any, *, comment: Any = "",
-                shape_id: Any = None, body: Any = None, now: datetime, context: AuditContext = CONSOLE) -> TaskRow:
-    """Accept, reject (comment required; back to the labeler) or correct-and-accept."""
+                shape_id: Any = None, body: Any = None, now: datetime, context: AuditContext = CONSOLE,
+                rng=None) -> TaskRow:
+    """Accept, reject (comment required; back to the labeler) or correct-and-accept.
+
+    A spot check (a second, blind review of accepted work) ends with any decision: the task it checks
+    stays accepted. An acceptance may draw the task for a spot check (`rng` for simulations)."""
     _check(task, user, "reviewing", version, now)
     if task.labeler_id == user.id:
         raise Forbidden("Nobody reviews their own labels.")
@@ -163,12 +168,12 @@ def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: 
     before_round = task.round
     settings = project_settings(project or task.project or taskrows.load_project(db.connection(), task.project_id))
     end_lease(db, task, user, "review", decision, now)
-    if task.round == 0 and task.purpose != "qualification" and latest is not None:
+    if task.round == 0 and task.purpose in ("work", "gold") and latest is not None:
         # The labeler's history: a first-round verdict in the item's modality and each class they drew.
         item = task.item or taskrows.item_size(db.connection(), task.item_id)
         matching.bump(db.connection(), task.labeler_id, matching.skills_of(item, {"shapes": latest.shapes}), now=now,
                       reviewed=1, passed=int(decision == "accept"))
-    if decision == "reject":
+    if decision == "reject" and task.purpose != "spot_check":
         task.round += 1
         task.state = "escalated" if task.round >= settings.max_rounds else "rework"
     else:
@@ -176,7 +181,9 @@ def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: 
     task.updated_at, task.version = now, task.version + 1
     write_task(db.connection(), task, version)
     if task.state == "accepted":
-        _accepted(db, task, settings, latest_annotation(db, task.id), user, now, context)
+        final = latest_annotation(db, task.id)
+        _accepted(db, task, settings, final, user, now, context)
+        spotcheck.maybe_spot_check(db, task, final, settings, reviewer=user, now=now, context=context, rng=rng)
     record(db, AuditAction.TASK_REVIEW, actor=user, object_type="task", object_id=task.id,
            details={"project_id": task.project_id, "decision": decision, "round": before_round, "to": task.state,
                     "labeler_id": task.labeler_id, "revision": revision, "pinned": shape_id is not None},

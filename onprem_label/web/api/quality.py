@@ -96,7 +96,7 @@ def project_quality(project_id: int):
     """Managers: quality figures per labeler, reviewer, class and project, beside the accuracy target."""
     dbs = db()
     project = members.get_project(dbs, project_id, _user(), "manager")
-    return jsonify(quality.project_quality(dbs, project.id, project_settings(project)))
+    return jsonify(quality.project_quality(dbs, project.id, project_settings(project), project.label_schema))
 
 
 @bp.get("/projects/<id:project_id>/people/proposals")

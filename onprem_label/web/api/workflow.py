@@ -16,7 +16,7 @@ from onprem_label.web.api import bp
 from onprem_label.web.api.items import item_json
 from onprem_label.web.context import audit_context, db, now
 from onprem_label.web.login import require
-from onprem_label.workflow import dashboard, leases, members, qualification, taskrows, tasks
+from onprem_label.workflow import consensus, dashboard, leases, members, qualification, taskrows, tasks
 from onprem_label.workflow.errors import Forbidden, Invalid, NotFound
 from onprem_label.workflow.projects import counts_for, create_project, set_schema, state_counts
 from onprem_label.workflow.settings import validate_settings
@@ -128,14 +128,18 @@ def update_project(project_id: int):
         if not isinstance(body["description"], str) or len(body["description"]) > 5000:
             raise Invalid("description is text.", errors=[{"field": "description", "message": "<= 5000 characters"}])
         project.description = changes["description"] = body["description"]
+    added = 0
     if "settings" in body:
         project.settings = changes["settings"] = validate_settings({**(project.settings or {}), **(body["settings"] or {})}
                                                                    if isinstance(body["settings"], dict) else body["settings"])
+        # Consensus raised: every item gets its further copies now (lowering it keeps what exists).
+        added = consensus.ensure_copies(dbs, project.id, project.settings["consensus_k"], now=now())
     if "label_schema" in body:
         changes["label_schema"] = set_schema(dbs, project, body["label_schema"], actor=user, context=audit_context(),
                                              now=now())
     record(dbs, AuditAction.PROJECT_UPDATE, actor=user, object_type="project", object_id=project.id,
-           details={"fields": sorted(changes)}, context=audit_context(), now=now())
+           details={"fields": sorted(changes), **({"copies_added": added} if added else {})},
+           context=audit_context(), now=now())
     dbs.commit()
     return jsonify(project_json(project, counts=counts_for(dbs, project.id, members.project_roles(dbs, project.id, user),
                                                            user.id)))
