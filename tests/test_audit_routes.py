@@ -374,6 +374,7 @@ AUDIT: dict[tuple[str, str], Case | dict[str, Case]] = {
     ("api.pay_statements", "GET"): Case("manager", path("/api/v1/projects/{p}/pay/statements"), (A.PAY_STATEMENT,)),
     ("projects.create", "POST"): Case("manager", form("/projects", name="Second"), (A.PROJECT_CREATE,), 303),
     ("projects.admin", "GET"): Case("manager", path("/projects/{p}/admin"), READ_ONLY),
+    ("projects.quality", "GET"): Case("manager", path("/projects/{p}/quality"), READ_ONLY),
     ("work.label", "GET"): Case("labeler", path("/projects/{p}/label"), READ_ONLY),
     ("work.review", "GET"): Case("reviewer", path("/projects/{p}/review"), READ_ONLY),
 }

@@ -120,6 +120,7 @@ MATRIX = {
     ("api.recommended_people", "GET"): row(401, 200, 200, 404, 404, 404),
     ("api.my_skills", "GET"): same_for_roles(401, 200),
     ("api.pay_statements", "GET"): row(401, 200, 200, 404, 404, 404),
+    ("projects.quality", "GET"): row(LOGIN, 200, 200, 404, 404, 404),
 }
 
 # What each state-changing request sends (besides a valid CSRF token).
@@ -201,7 +202,7 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
                 "api.project_dashboard", "api.next_task", "api.list_tasks", "work.label", "work.review",
                 "projects.admin", "api.list_gold", "api.qualification_status", "api.start_qualification",
                 "api.project_quality", "api.list_proposals", "api.evaluate_people", "api.recommended_people",
-                "api.pay_statements")},
+                "api.pay_statements", "projects.quality")},
             **{name: {"project_id": ids["project"], "item_id": ids["item"]} for name in (
                 "api.mark_gold", "api.unmark_gold")},
             "api.decide_proposal": {"project_id": ids["project"], "proposal_id": 1},

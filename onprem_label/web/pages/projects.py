@@ -90,6 +90,14 @@ def admin(project_id: int):
         max_file=size_text(services().settings.upload_max_file_bytes))
 
 
+@bp.get("/projects/<id:project_id>/quality")
+@require()
+def quality(project_id: int):
+    """A project's quality figures, reviewer proposals, recommended people, gold items and pay (logic in JS)."""
+    project = get_project(db(), project_id, current_user._get_current_object(), "manager")
+    return render_template("projects/quality.html", project=project)
+
+
 def size_text(size: int) -> str:
     """A byte count for people: "2 GiB", "500 MiB", "64 KiB"."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):

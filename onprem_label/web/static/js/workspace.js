@@ -90,10 +90,54 @@ async function nextTask() {
   try {
     lease = await api("POST", `/projects/${projectId}/tasks/next`, mode === "review" ? { kind: "review" } : {});
   } catch (err) {
+    if (err instanceof ApiError && err.code === "qualification_required") return showQualification(err);
     return failed(err, "Could not get the next task");
   }
   if (!lease) return showEmpty();
   await showTask(lease.task, lease.item, lease.kind, lease.annotation, lease.reviews);
+}
+
+// --- the qualification test ---------------------------------------------------------------------------
+
+// The project asks for a passed test before live work: say where the person stands, offer the test.
+function showQualification(err) {
+  showEmpty();
+  const standing = err.body.qualification || {};
+  const canStart = !standing.under_way && !standing.passed && standing.attempts_left > 0 && !standing.next_attempt_at;
+  $("empty-text").textContent = err.message;
+  root.dataset.qualification = canStart ? "can-start" : "blocked";
+  banner(`Qualification: ${standing.items} questions, pass mark ${Math.round((standing.pass_mark || 0) * 100)}%. ` +
+    `Attempts left: ${standing.attempts_left}.`, canStart ? [["Start the test", startTest]] : [], "");
+}
+
+async function startTest() {
+  try {
+    await api("POST", `/projects/${projectId}/qualification`, {});
+  } catch (err) {
+    return banner(`Could not start the test: ${err.message}`, [], "error");
+  }
+  await nextTask();
+}
+
+// After a test question: the person's shapes (solid) against the reference (dashed), with the score.
+function showFeedback(feedback) {
+  stopTimers();
+  editor.readOnly = true;
+  editor.previous = feedback.reference.shapes;
+  $("legend-current-text").textContent = "your answer";
+  $("legend-previous-text").textContent = "the reference answer";
+  $("compare-section").hidden = false;
+  editor.redraw();
+  for (const b of document.querySelectorAll("#actions button")) b.disabled = true;
+  const d = feedback.detail || {};
+  const attempt = feedback.attempt || {};
+  const done = attempt.passed === true || attempt.passed === false;
+  const verdict = feedback.correct ? "Right" : "Not right";
+  const facts = `${verdict}: score ${Math.round(feedback.score * 100)}% (${d.matched} of your shapes matched, ` +
+    `${d.missed} missed, ${d.extra} extra; ${d.questions_right} of ${d.questions} questions right).`;
+  const end = done ? ` Test ${attempt.passed ? "passed" : "not passed"}: ${attempt.correct} of ${attempt.questions} right.` : "";
+  root.dataset.feedback = feedback.correct ? "right" : "wrong";
+  banner(facts + end, [[done ? "Continue" : "Next question", () => nextTask()]], feedback.correct ? "" : "error");
 }
 
 function showEmpty() {
@@ -129,7 +173,11 @@ async function showTask(task, item, kind, annotation, reviews) {
   setAnswers(annotation ? annotation.classifications : {});
   showComments(state.reviews);
   root.dataset.version = String(task.version);
-  const kindText = { label: "New task", rework: `Rework (round ${task.round + 1})`, review: "Review" }[kind] || kind;
+  root.dataset.feedback = "";
+  $("legend-current-text").textContent = "current revision";
+  $("legend-previous-text").textContent = "revision reviewed last round";
+  const kindText = { label: "New task", rework: `Rework (round ${task.round + 1})`, review: "Review",
+    qualification: "Qualification test question" }[kind] || kind;
   $("task-kind").textContent = kindText;
   $("task-facts").textContent = `Task ${task.id} · item ${item.id} · ${item.kind}${item.modality ? ` ${item.modality}` : ""} · ` +
     `${item.width} × ${item.height}${item.frames > 1 ? ` · ${item.frames} frames` : ""} · round ${task.round + 1}`;
@@ -283,13 +331,15 @@ async function submit() {
   state.acting = true;
   try {
     if (state.dirty && !(await save())) return;
+    let answer;
     try {
-      await api("POST", `/tasks/${state.task.id}/submit`, { version: state.version });
+      answer = await api("POST", `/tasks/${state.task.id}/submit`, { version: state.version });
     } catch (err) {
       if (err instanceof ApiError && err.status === 422) return showErrors(err);
       if (err instanceof ApiError && err.status === 409) return handleSaveError(err);
       return failed(err, "Could not submit");
     }
+    if (answer && answer.feedback) return showFeedback(answer.feedback);
     await nextTask();
   } finally {
     state.acting = false;
