@@ -75,7 +75,7 @@ def test_history_builds_the_profile_and_the_lease_prefers_the_strong_modality(db
     matching.bump(db.connection(), labeler.id, [("modality", "MR")], now=clock(), reviewed=10, passed=10)
     db.commit()
     lease = leases.lease_next_task(db, project, labeler, review=False, now=clock())
-    assert lease.task.item_id == mr[0]  # ct[2] heads the queue; MR fits better
+    assert lease.task.item_id in mr  # ct[2] heads the queue; an MR task fits better
     leases.release_lease(db, lease.task, labeler, now=clock())
     project.settings = {**project.settings, "match_window": 1}
     db.commit()

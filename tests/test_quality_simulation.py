@@ -78,6 +78,10 @@ def test_simulated_full_inspection_measures_quality_and_promotes_the_best(db, cl
         assert row["accepted"] > 250
         assert row["seconds_per_task"] >= SECONDS[name]  # rework adds a second lease's time
     assert 0.03 <= gold_total / (ITEMS + gold_total) <= 0.07  # about 5% of handed-out tasks were gold
+    (nodule,) = figures["classes"]  # every item has one box: each first-round review counts for it
+    assert nodule["label"] == "nodule" and nodule["first_pass"]["count"] == ITEMS
+    assert nodule["first_pass"]["successes"] == sum(by_name[n]["first_pass"]["successes"] for n in ERROR_RATES)
+    assert nodule["seconds_per_task"] >= min(SECONDS.values())
     wrong = sum(not is_right(_accepted_answer(db, t.id), truths[t.item_id]) for t in work)
     assert wrong / ITEMS <= 0.01, wrong
     accepted_gold, spot = figures["project"]["accepted_gold"], figures["project"]["spot_checks"]

@@ -171,6 +171,9 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_skill_profiles_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('user_id', 'kind', 'skill', name=op.f('pk_skill_profiles'))
     )
+    with op.batch_alter_table('reviews', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('classes', JSON, nullable=True))
+
     with op.batch_alter_table('tasks', schema=None) as batch_op:
         batch_op.add_column(sa.Column('purpose', sa.String(length=16), server_default='work', nullable=False))
         batch_op.add_column(sa.Column('slot', sa.Integer(), server_default='0', nullable=False))
@@ -240,3 +243,5 @@ def downgrade() -> None:
 
     op.drop_table('pay_entries')
     op.drop_table('skill_profiles')
+    with op.batch_alter_table('reviews', schema=None) as batch_op:
+        batch_op.drop_column('classes')

@@ -408,6 +408,8 @@ class Review(Base):
     comment: Mapped[str] = mapped_column(Text, default="")
     shape_id: Mapped[str | None] = mapped_column(String(64))  # a reject comment pinned to one shape
     annotation_revision: Mapped[int | None] = mapped_column(Integer)
+    # The label classes of the revision decided on (quality figures per class); None before 0006.
+    classes: Mapped[list[str] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

@@ -11,12 +11,14 @@ Scoring (docs/quality-and-people.md, "Matching"):
   fit(skill)      = accuracy(skill) * speed(skill) ** 0.1   (accuracy decides; speed breaks near-ties).
 The lease looks at the head of the project's queue only (match_window tasks in the project's own
 order, so the project's priorities hold) and hands out the task whose modality fits the person
-best; the earliest task wins ties, and a window of one modality costs a single extra read.
+best (among equally good rows each person starts at a different one, so a crowd with the same
+strength does not chase one row).
 Label classes are known only after labeling, so they shape recommendations, not the lease.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 from sqlalchemy import bindparam, exists, select
@@ -39,16 +41,22 @@ def modality_of(item) -> str:
     return (getattr(item, "modality", "") or "").upper() or ("picture" if getattr(item, "kind", "") == "raster" else "OT")
 
 
+def classes_in(shapes) -> list[str]:
+    """The label classes a list of shapes uses, sorted."""
+    return sorted({str(s.get("label"))[:64] for s in shapes or [] if s.get("label")})
+
+
 def skills_of(item, annotation: dict | None) -> list[tuple[str, str]]:
     """The (kind, skill) pairs a piece of work exercises: the item's modality and each class it labels."""
-    classes = sorted({str(s.get("label")) for s in (annotation or {}).get("shapes", []) if s.get("label")})
-    return [("modality", modality_of(item))] + [("class", name[:64]) for name in classes]
+    return [("modality", modality_of(item))] + [("class", name) for name in classes_in((annotation or {}).get("shapes"))]
 
 
 def bump(conn, user_id: int | None, skills: list[tuple[str, str]], *, now: datetime, **counts: int) -> None:
     """Add to the person's counters in each skill (one upsert per skill)."""
     if user_id is None or not any(counts.values()):
         return
+    if any(counts.get(c) for c in ("reviewed", "passed", "gold", "gold_correct")):
+        _FITS.pop((_database(conn), user_id), None)  # a verdict moves the fit; a timed hand-in barely does
     maker = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     for kind, skill in skills:
         values = {"user_id": user_id, "kind": kind, "skill": skill, "updated_at": now,
@@ -101,20 +109,61 @@ _TAKE = (select(T).where(T.c.id == bindparam("task_id"), T.c.state == "new", T.c
 
 
 def preferred_new_task(conn, project_id: int, user_id: int, window: int, *, consensus: bool = False) -> TaskRow | None:
-    """The new task at the head of the queue whose modality fits the person best, locked; None to use the
-    plain queue (one modality in the window, no window, or the chosen row taken meanwhile)."""
+    """The new task at the head of the queue whose modality fits the person best, locked; None to use
+    the plain queue (no window, one modality or nothing better than the head, or the rows taken).
+
+    Costs one read more than the plain queue: the window (the profile is cached, PROFILE_TTL); the
+    chosen row is then taken by its id (FOR UPDATE SKIP LOCKED) in place of the queue's own query.
+    People with the same strength would all choose the same row at once; each starts at a different
+    one of the best-fitting rows (by user id), and a second is tried before falling back."""
     if window <= 1:
         return None
     head = conn.execute(_WINDOW[consensus], {"project_id": project_id, "window": window, "user_id": user_id}).all()
-    kinds = {modality_of(row) for row in head}
-    if len(kinds) < 2:
-        return None
+    if len({modality_of(row) for row in head}) < 2:
+        return None  # nothing to choose between: the queue's own order (SKIP LOCKED handles the crowd)
+    scores = cached_fits(conn, user_id)
+    fit_of = {row.id: scores.get(modality_of(row), 0.5) for row in head}
+    top = max(fit_of.values())
+    if top <= fit_of[head[0].id]:
+        return None  # the head fits as well as anything: keep the project's order
+    best = [row for row in head if fit_of[row.id] == top]
+    start = user_id % len(best)
+    for row in (best[start:] + best[:start])[:TRIES]:
+        taken = conn.execute(_TAKE, {"task_id": row.id}).first()
+        if taken is not None:
+            return TaskRow.of(taken)
+    return None
+
+
+TRIES = 2
+
+
+# A person's modality fits, per process, for PROFILE_TTL seconds: a lease reads no profile rows on most
+# requests. A new verdict (review, gold) makes bump() forget the person's entry in its own process;
+# other processes, and the speed part of every hand-in, catch up within PROFILE_TTL (a fit moves
+# slowly: one review changes it by a few hundredths at most).
+PROFILE_TTL = 30.0
+_FITS: dict[tuple[str, int], tuple[float, dict[str, float]]] = {}  # (database, user id) ->
+_FITS_MAX = 10_000
+
+
+def cached_fits(conn, user_id: int) -> dict[str, float]:
+    """fits() of the person's modalities, from the cache while fresh."""
+    key = (_database(conn), user_id)
+    entry = _FITS.get(key)
+    now = time.monotonic()
+    if entry is not None and entry[0] > now:
+        return entry[1]
+    if len(_FITS) >= _FITS_MAX:
+        _FITS.clear()
     scores = fits(profile(conn, user_id))
-    best = max(head, key=lambda row: (scores.get(modality_of(row), 0.5), -row.id))
-    if scores.get(modality_of(best), 0.5) <= scores.get(modality_of(head[0]), 0.5):
-        return None  # the head of the queue fits as well as anything: keep the project's order
-    row = conn.execute(_TAKE, {"task_id": best.id}).first()
-    return TaskRow.of(row) if row is not None else None
+    _FITS[key] = (now + PROFILE_TTL, scores)
+    return scores
+
+
+def _database(conn) -> str:
+    """Which database a connection is on (one process may serve tests of many)."""
+    return str(conn.engine.url)
 
 
 def profile_json(db: Session, user_id: int) -> list[dict]:

@@ -155,11 +155,35 @@ def _reviewers(db: Session, project_id: int) -> dict[int, dict]:
 
 
 def _classes(db: Session, project_id: int) -> list[dict]:
-    """Per label class, from first answers on gold: the share of reference shapes matched, and extras."""
-    totals: dict[str, dict[str, int]] = defaultdict(lambda: {"matched": 0, "missed": 0, "extra": 0})
+    """Per label class: first-pass acceptance, rework rounds and time of the work that drew it (a task
+    counts for each class its first reviewed revision has), and from first answers on gold the share
+    of reference shapes found and the extra shapes."""
+    totals: dict[str, dict[str, int]] = defaultdict(lambda: {"matched": 0, "missed": 0, "extra": 0, "first": 0,
+                                                             "passed": 0, "rejects": 0, "seconds": 0, "timed": 0})
     for (detail,) in db.execute(select(CHECKS.c.detail).where(*_FIRST_GOLD(project_id))):
         for name, counts in (detail or {}).get("per_class", {}).items():
             for key in ("matched", "missed", "extra"):
                 totals[name][key] += int(counts.get(key, 0))
-    return [{"label": name, "gold_shape_recall": proportion(c["matched"], c["matched"] + c["missed"]),
-             "extra_shapes": c["extra"]} for name, c in sorted(totals.items())]
+    seconds = dict(db.execute(select(WORK.c.task_id, func.sum(WORK.c.seconds)).where(
+        WORK.c.project_id == project_id, WORK.c.kind == "label").group_by(WORK.c.task_id)).all())
+    classes_of: dict[int, list[str]] = {}
+    for task_id, round_, decision, classes in db.execute(
+            select(R.c.task_id, R.c.round, R.c.decision, R.c.classes).join(T, T.c.id == R.c.task_id)
+            .where(T.c.project_id == project_id, T.c.purpose == "work", R.c.reviewer_id.is_not(None))):
+        for name in classes or []:
+            row = totals[name]
+            row["rejects"] += decision == "reject"
+            if round_ == 0:
+                row["first"] += 1
+                row["passed"] += decision == "accept"
+        if round_ == 0:
+            classes_of[task_id] = classes or []
+    for task_id, names in classes_of.items():
+        for name in names:
+            totals[name]["seconds"] += int(seconds.get(task_id) or 0)
+            totals[name]["timed"] += 1
+    return [{"label": name, "first_pass": proportion(c["passed"], c["first"]),
+             "rework_rounds_per_task": round(c["rejects"] / c["first"], 4) if c["first"] else None,
+             "seconds_per_task": round(c["seconds"] / c["timed"], 1) if c["timed"] else None,
+             "gold_shape_recall": proportion(c["matched"], c["matched"] + c["missed"]), "extra_shapes": c["extra"]}
+            for name, c in sorted(totals.items())]

@@ -204,4 +204,4 @@ def add_annotation(conn: Connection, *, task: TaskRow, author_id: int, kind: str
 def add_review(conn: Connection, **values) -> None:
     """A review decision (task_id, round, reviewer_id, decision, comment, shape_id, annotation_revision,
     created_at)."""
-    conn.execute(_ADD_REVIEW, {"shape_id": None, **values})
+    conn.execute(_ADD_REVIEW, {"shape_id": None, "classes": None, **values})

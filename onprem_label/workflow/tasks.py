@@ -163,8 +163,10 @@ def review_task(db: Session, task: TaskRow, user: User, decision: Any, version: 
         revision = taskrows.add_annotation(db.connection(), task=task, author_id=user.id, kind="correction",
                                            schema_version=project.schema_version, annotation=corrected,
                                            now=now).revision
+    seen = matching.classes_in(latest.shapes if latest else [])
     taskrows.add_review(db.connection(), task_id=task.id, round=task.round, reviewer_id=user.id, decision=decision,
-                        comment=comment, shape_id=shape_id, annotation_revision=revision, created_at=now)
+                        comment=comment, shape_id=shape_id, annotation_revision=revision, classes=seen,
+                        created_at=now)
     before_round = task.round
     settings = project_settings(project or task.project or taskrows.load_project(db.connection(), task.project_id))
     end_lease(db, task, user, "review", decision, now)

@@ -46,9 +46,11 @@ function renderProject(q) {
     line("First-pass acceptance", share(p.first_pass_acceptance)),
     line("Gold accuracy (first answers)", share(p.gold_accuracy)),
   ], "");
-  fill("q-classes", q.classes.map((c) => el("tr", {}, el("th", { scope: "row" }, c.label),
-    el("td", { class: "num" }, percent(c.gold_shape_recall.value)), el("td", { class: "num" }, String(c.gold_shape_recall.count)),
-    el("td", { class: "num" }, String(c.extra_shapes)))), "No gold answers yet.");
+  fill("q-classes", q.classes.map((c) => el("tr", { "data-class": c.label }, el("th", { scope: "row" }, c.label),
+    el("td", { class: "num" }, share(c.first_pass)),
+    el("td", { class: "num" }, c.rework_rounds_per_task === null ? "–" : c.rework_rounds_per_task.toFixed(2)),
+    el("td", { class: "num" }, seconds(c.seconds_per_task)), el("td", { class: "num" }, share(c.gold_shape_recall)),
+    el("td", { class: "num" }, String(c.extra_shapes)))), "No reviewed work yet.");
   const c = q.consensus;
   $("q-consensus").hidden = !c;
   if (c) {
