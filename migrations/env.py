@@ -19,6 +19,13 @@ def run_migrations_online() -> None:
     """Run migrations on the engine the caller configured (see onprem_label.db.migrate)."""
     engine = config.attributes["engine"]
     with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # A batch migration rebuilds a table (CREATE new, copy, DROP old, rename). With foreign
+            # keys on, DROP TABLE deletes the rows of every ON DELETE CASCADE child (a rebuild of
+            # tasks would empty annotations and reviews). SQLite's own recipe: switch them off outside
+            # the transaction, check every reference afterwards, switch them on again.
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,
@@ -29,7 +36,13 @@ def run_migrations_online() -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    raise RuntimeError(f"migration left broken references: {broken[:5]}")
         connection.commit()
+        if sqlite:
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

@@ -218,6 +218,12 @@ def _test_ready(w: World, client) -> Call:
     return Call(f"/api/v1/projects/{w.project}/qualification", json={})
 
 
+def _fresh_start(w: World, client) -> Call:
+    """A project with a test; the labeler may start afresh."""
+    _test_ready(w, client)
+    return Call(f"/api/v1/projects/{w.project}/qualification/{w.ids['labeler']}/fresh-start", json={})
+
+
 def _promotable(w: World, _client) -> Call:
     """Thresholds of one accepted task, and the labeler has one."""
     project = w.db.get(Project, w.project)
@@ -370,7 +376,7 @@ AUDIT: dict[tuple[str, str], Case | dict[str, Case]] = {
     ("api.evaluate_people", "POST"): Case("manager", _promotable, (A.PEOPLE_PROPOSE,)),
     ("api.decide_proposal", "POST"): Case("manager", _proposal, (A.PEOPLE_DECIDE, A.PROJECT_MEMBER_ADD)),
     ("api.recommended_people", "GET"): Case("manager", path("/api/v1/projects/{p}/people/recommended"), READ_ONLY),
-    ("api.my_skills", "GET"): Case("labeler", path("/api/v1/users/me/skills"), READ_ONLY),
+    ("api.qualification_fresh_start", "POST"): Case("manager", _fresh_start, (A.QUALIFICATION_FRESH_START,)),
     ("api.pay_statements", "GET"): Case("manager", path("/api/v1/projects/{p}/pay/statements"), (A.PAY_STATEMENT,)),
     ("projects.create", "POST"): Case("manager", form("/projects", name="Second"), (A.PROJECT_CREATE,), 303),
     ("projects.admin", "GET"): Case("manager", path("/projects/{p}/admin"), READ_ONLY),

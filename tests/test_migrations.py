@@ -127,3 +127,34 @@ def test_schema_status_when_database_is_newer_than_code(engine):
     assert not at_head
     assert "ffff9999" in message and "newer" in message and "upgrade the software" in message
     assert "db upgrade" not in message
+
+
+def test_upgrade_to_0006_keeps_every_task_annotation_and_review(engine):
+    """Rebuilding tasks (SQLite batch mode) must not cascade into its children: the work survives."""
+    migrate.upgrade(engine, "0005")
+    stamp = "2026-11-30 10:00:00.000000"
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, username, display_name, password_hash, roles, active, "
+                          "must_change_password, failed_logins, recovery_codes, totp_enabled, created_at) "
+                          "VALUES (1, 'u', '', 'x', 'labeler', true, false, 0, '[]', false, :t)"), {"t": stamp})
+        conn.execute(text("INSERT INTO projects (id, name, description, label_schema, schema_version, settings, "
+                          "created_at) VALUES (1, 'p', '', '{}', 1, '{}', :t)"), {"t": stamp})
+        conn.execute(text("INSERT INTO items (id, project_id, kind, width, height, frames, modality, is_stack, "
+                          "needs_pixel_check, pixel_check_reasons, source, created_at) "
+                          "VALUES (1, 1, 'raster', 8, 8, 1, '', false, false, '[]', 'cli', :t)"), {"t": stamp})
+        conn.execute(text("INSERT INTO tasks (id, project_id, item_id, state, round, version, labeler_id, "
+                          "active_seconds, created_at, updated_at) VALUES (1, 1, 1, 'submitted', 0, 3, 1, 0, :t, :t)"),
+                     {"t": stamp})
+        conn.execute(text("INSERT INTO annotations (task_id, revision, round, kind, author_id, schema_version, "
+                          "shapes, classifications, created_at) VALUES (1, 1, 0, 'label', 1, 1, '[]', '{}', :t)"),
+                     {"t": stamp})
+        conn.execute(text("INSERT INTO reviews (task_id, round, reviewer_id, decision, comment, created_at) "
+                          "VALUES (1, 0, 1, 'reject', 'redo', :t)"), {"t": stamp})
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        counts = [conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in ("tasks", "annotations", "reviews")]
+        purpose = conn.execute(text("SELECT purpose, slot FROM tasks")).one()
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # switched on again
+    assert counts == [1, 1, 1]
+    assert tuple(purpose) == ("work", 0)

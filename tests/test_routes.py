@@ -117,8 +117,8 @@ MATRIX = {
     ("api.list_proposals", "GET"): row(401, 200, 200, 404, 404, 404),
     ("api.evaluate_people", "POST"): row(401, 200, 200, 404, 404, 404),
     ("api.decide_proposal", "POST"): row(401, 404, 404, 404, 404, 404),  # no such proposal
-    ("api.recommended_people", "GET"): row(401, 200, 200, 404, 404, 404),
-    ("api.my_skills", "GET"): same_for_roles(401, 200),
+    ("api.recommended_people", "GET"): row(401, 200, 200, 403, 403, 403),  # site managers (all projects' history)
+    ("api.qualification_fresh_start", "POST"): row(401, 404, 404, 404, 404, 404),  # the target is no labeler here
     ("api.pay_statements", "GET"): row(401, 200, 200, 404, 404, 404),
     ("projects.quality", "GET"): row(LOGIN, 200, 200, 404, 404, 404),
 }
@@ -150,6 +150,7 @@ BODY = {
     ("api.start_qualification", "POST"): {"json": {}},
     ("api.evaluate_people", "POST"): {"json": {}},
     ("api.decide_proposal", "POST"): {"json": {"confirm": True}},
+    ("api.qualification_fresh_start", "POST"): {"json": {}},
 }
 
 GET_ROUTES = sorted(key for key in MATRIX if key[1] == "GET")
@@ -206,6 +207,7 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
             **{name: {"project_id": ids["project"], "item_id": ids["item"]} for name in (
                 "api.mark_gold", "api.unmark_gold")},
             "api.decide_proposal": {"project_id": ids["project"], "proposal_id": 1},
+            "api.qualification_fresh_start": {"project_id": ids["project"], "user_id": 1},
             **{name: {"task_id": ids["task"]} for name in (
                 "api.get_task", "api.save_annotation", "api.heartbeat", "api.submit", "api.review",
                 "api.release", "api.reassign", "api.task_revisions")}}.get(endpoint, {})

@@ -63,6 +63,7 @@ def upgrade() -> None:
     sa.Column('correct', sa.Integer(), nullable=False),
     sa.Column('score', sa.Float(), nullable=True),
     sa.Column('passed', sa.Boolean(), nullable=True),
+    sa.Column('counted', sa.Boolean(), server_default=sa.true(), nullable=False),
     sa.Column('started_at', sa.DateTime(), nullable=False),
     sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_qualification_attempts_project_id_projects'), ondelete='RESTRICT'),
@@ -71,6 +72,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('qualification_attempts', schema=None) as batch_op:
         batch_op.create_index('ix_qualification_attempts_project_user', ['project_id', 'user_id'], unique=False)
+        batch_op.create_index('uq_qualification_attempts_open', ['project_id', 'user_id'], unique=True, sqlite_where=sa.text('passed IS NULL'), postgresql_where=sa.text('passed IS NULL'))
 
     op.create_table('role_proposals',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -92,6 +94,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('role_proposals', schema=None) as batch_op:
         batch_op.create_index('ix_role_proposals_project_status', ['project_id', 'status'], unique=False)
+        batch_op.create_index('uq_role_proposals_open', ['project_id', 'user_id', 'kind'], unique=True, sqlite_where=sa.text("status = 'open'"), postgresql_where=sa.text("status = 'open'"))
 
     op.create_table('gold_items',
     sa.Column('item_id', sa.Integer(), nullable=False),
@@ -230,10 +233,12 @@ def downgrade() -> None:
 
     op.drop_table('gold_items')
     with op.batch_alter_table('role_proposals', schema=None) as batch_op:
+        batch_op.drop_index('uq_role_proposals_open')
         batch_op.drop_index('ix_role_proposals_project_status')
 
     op.drop_table('role_proposals')
     with op.batch_alter_table('qualification_attempts', schema=None) as batch_op:
+        batch_op.drop_index('uq_qualification_attempts_open')
         batch_op.drop_index('ix_qualification_attempts_project_user')
 
     op.drop_table('qualification_attempts')

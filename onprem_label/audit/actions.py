@@ -48,11 +48,11 @@ class AuditAction(StrEnum):
     GOLD_CHECK = "gold:check"
     QUALIFICATION_START = "qualification:start"
     QUALIFICATION_FINISH = "qualification:finish"
+    QUALIFICATION_FRESH_START = "qualification:fresh_start"
     PEOPLE_PROPOSE = "people:propose"
     PEOPLE_DECIDE = "people:decide"
     PAY_ENTRY = "pay:entry"
     PAY_STATEMENT = "pay:statement"
-    QUALITY_VIEW = "quality:view"
 
     TASK_LEASE = "task:lease"
     TASK_RELEASE = "task:release"

@@ -97,6 +97,9 @@ _BY_ACTION = {
     "auth:break_glass_issued": _alert(USER_ATTRIBUTES_CHANGED),
     "user:roles": _alert(SECURITY_ROLES_CHANGED),
     "project:member_add": _alert(SECURITY_ROLES_CHANGED),  # membership grants per-project roles
+    "project:member_remove": _alert(SECURITY_ROLES_CHANGED),
+    "people:decide": _alert(SECURITY_ROLES_CHANGED),  # a confirmed proposal changes a project role
+    "pay:statement": _EXPORT,  # statements (pay of named people) leave for payroll
     "image:read": _READ, "item:view": _READ, "task:view": _READ,
     "item:ingest": _IMPORT, "item:duplicate": _IMPORT, "item:reject": _IMPORT,
     "item:pixel_check_clear": _Kind(INSTANCES_ACCESSED, "U"),  # changes the item's release state
@@ -112,6 +115,8 @@ _BY_OBJECT = {
     "settings": _alert(SECURITY_CONFIGURATION),
     "storage": _alert(RESTRICTED_FUNCTION),  # repair tools only an admin may run
     "task": _RECORD_UPDATE, "annotation": _RECORD_UPDATE,
+    # Gold references and checks, tests, proposals and pay lines: records kept about the work.
+    "gold": _RECORD_UPDATE, "qualification": _RECORD_UPDATE, "people": _RECORD_UPDATE, "pay": _RECORD_UPDATE,
     "item": _READ, "image": _READ,
     "export": _EXPORT,
     "backup": _EXPORT,  # a backup copies the data onto media outside the running system

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, CheckConstraint, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import Boolean, CheckConstraint, Float, ForeignKey, Index, Integer, String, Text, text, true
 from sqlalchemy.orm import Mapped, mapped_column
 
 from onprem_label.db.base import Base, UTCDateTime
@@ -64,7 +64,12 @@ class QualificationAttempt(Base):
     """One sitting of a project's qualification test: its gold items, and the result once all are done."""
 
     __tablename__ = "qualification_attempts"
-    __table_args__ = (Index("ix_qualification_attempts_project_user", "project_id", "user_id"),)
+    __table_args__ = (
+        Index("ix_qualification_attempts_project_user", "project_id", "user_id"),
+        # One test under way per person and project, even with two requests at once.
+        Index("uq_qualification_attempts_open", "project_id", "user_id", unique=True,
+              sqlite_where=text("passed IS NULL"), postgresql_where=text("passed IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="RESTRICT"))
@@ -75,6 +80,8 @@ class QualificationAttempt(Base):
     correct: Mapped[int] = mapped_column(Integer, default=0)
     score: Mapped[float | None] = mapped_column(Float)
     passed: Mapped[bool | None] = mapped_column(Boolean)  # None while the test is under way
+    # False once a manager has granted a fresh start: it no longer uses up a retake or a cool-down.
+    counted: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -130,6 +137,9 @@ class RoleProposal(Base):
         CheckConstraint("kind IN ('promote', 'demote')", name="kind"),
         CheckConstraint("status IN ('open', 'confirmed', 'dismissed')", name="status"),
         Index("ix_role_proposals_project_status", "project_id", "status"),
+        # One open proposal of a kind per person and project, however many evaluations race.
+        Index("uq_role_proposals_open", "project_id", "user_id", "kind", unique=True,
+              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

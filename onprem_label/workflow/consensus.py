@@ -15,10 +15,11 @@ from collections import Counter
 from datetime import datetime
 from itertools import combinations
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from onprem_label.workflow import gold
+from onprem_label.workflow.errors import Invalid
 from onprem_label.workflow.metrics import Thresholds, shapes_match, similarity
 from onprem_label.workflow.settings import ProjectSettings
 from onprem_label.workflow.taskrows import ANNOTATIONS as A, TASKS as T, TaskRow
@@ -75,6 +76,7 @@ def fleiss_kappa(answers_per_item: list[list]) -> float | None:
     return None if p_e >= 1 else (p_bar - p_e) / (1 - p_e)
 
 
+_ONE_ITEM = text("SELECT pg_advisory_xact_lock(hashtextextended('onprem-label consensus ' || :item_id, 0))")
 _COPIES = select(T.c.id, T.c.submitted_at).where(T.c.item_id == bindparam("item_id"), T.c.purpose == "work")
 _LATEST = (select(A.c.shapes, A.c.classifications).where(A.c.task_id == bindparam("task_id"), A.c.kind == "label")
            .order_by(A.c.revision.desc()).limit(1))
@@ -85,6 +87,10 @@ def after_submit(db: Session, task: TaskRow, project, settings: ProjectSettings)
     if settings.consensus_k < 2 or task.purpose != "work":
         return None
     conn = db.connection()
+    if conn.dialect.name == "postgresql":
+        # The last two copies handed in at once would each see the other as not in yet: one at a
+        # time per item (READ COMMITTED: the later one's next read sees the earlier one's commit).
+        conn.execute(_ONE_ITEM, {"item_id": task.item_id})
     copies = conn.execute(_COPIES, {"item_id": task.item_id}).all()
     if len(copies) < 2 or any(c.submitted_at is None and c.id != task.id for c in copies):
         return None
@@ -104,13 +110,27 @@ def ensure_copies(db: Session, project_id: int, k: int, *, now: datetime) -> int
     Lowering k leaves copies already made: they are real work somebody may have begun."""
     conn = db.connection()
     have = conn.execute(select(T.c.item_id, func.max(T.c.slot), func.count()).where(
-        T.c.project_id == project_id, T.c.purpose.in_(("work", "held"))).group_by(T.c.item_id)).all()
+        T.c.project_id == project_id, T.c.purpose.in_(("work", "held"))).group_by(T.c.item_id)
+        # a gold item's work is held back: more copies of it would be work again
+        .having(func.sum(case((T.c.purpose == "held", 1), else_=0)) == 0)).all()
     rows = [{"project_id": project_id, "item_id": item_id, "state": "new", "purpose": "work", "slot": slot,
              "round": 0, "version": 1, "active_seconds": 0, "lease_seconds": 0, "created_at": now, "updated_at": now}
             for item_id, top, count in have for slot in range(top + 1, top + 1 + k - count)]
     if rows:
         conn.execute(insert(T), rows)
     return len(rows)
+
+
+def refuse_lower_k(db: Session, project_id: int, changes) -> None:
+    """Invalid when a settings change would lower consensus_k below the copies items already have: the
+    lease keeps one person off two copies of an item only while k says copies exist."""
+    k = changes.get("consensus_k") if isinstance(changes, dict) else None
+    if not isinstance(k, int) or isinstance(k, bool):
+        return
+    made = db.scalar(select(func.max(T.c.slot)).where(T.c.project_id == project_id, T.c.purpose == "work"))
+    if made is not None and k < made + 1:
+        raise Invalid("consensus_k cannot go below the copies already made.",
+                      errors=[{"field": "settings.consensus_k", "message": f"items have {made + 1} copies"}])
 
 
 def project_consensus(db: Session, project_id: int, schema: dict, settings: ProjectSettings) -> dict | None:

@@ -15,7 +15,7 @@ RECENT_COMMENTS = 50
 
 def project_numbers(db: Session, project_id: int, *, now: datetime) -> dict:
     """Every figure of the dashboard, computed in a few grouped queries."""
-    in_project = Review.task_id.in_(select(Task.id).where(Task.project_id == project_id))
+    in_project = Review.task_id.in_(select(Task.id).where(Task.project_id == project_id, Task.purpose == "work"))
     names = dict(db.execute(select(User.id, User.username)).all())
     return {"counts": state_counts(db, project_id), "labelers": _labelers(db, project_id, in_project, names),
             "reviewers": _reviewers(db, project_id, in_project, names),
@@ -35,7 +35,7 @@ def _labelers(db: Session, project_id: int, in_project, names: dict) -> list[dic
                              .group_by(Task.labeler_id)).all())
     rejects = dict(db.execute(select(Task.labeler_id, func.count()).join(Review, Review.task_id == Task.id)
                               .where(in_project, Review.decision == "reject").group_by(Task.labeler_id)).all())
-    accepted = dict(db.execute(select(Task.labeler_id, func.count()).where(Task.project_id == project_id,
+    accepted = dict(db.execute(select(Task.labeler_id, func.count()).where(Task.project_id == project_id, Task.purpose == "work",
                                                                           Task.state == "accepted")
                                .group_by(Task.labeler_id)).all())
     out = []
@@ -53,10 +53,10 @@ def _labelers(db: Session, project_id: int, in_project, names: dict) -> list[dic
 def _reviewers(db: Session, project_id: int, in_project, names: dict) -> list[dict]:
     done = dict(db.execute(select(Review.reviewer_id, func.count()).where(in_project, Review.reviewer_id.is_not(None))
                            .group_by(Review.reviewer_id)).all())
-    holding = dict(db.execute(select(Task.reviewer_id, func.count()).where(Task.project_id == project_id,
+    holding = dict(db.execute(select(Task.reviewer_id, func.count()).where(Task.project_id == project_id, Task.purpose == "work",
                                                                           Task.state == "reviewing")
                               .group_by(Task.reviewer_id)).all())
-    waiting = db.scalar(select(func.count()).select_from(Task).where(Task.project_id == project_id,
+    waiting = db.scalar(select(func.count()).select_from(Task).where(Task.project_id == project_id, Task.purpose == "work",
                                                                      Task.state == "submitted"))
     return [{"user_id": r, "username": names.get(r, ""), "reviews": done.get(r, 0), "reviewing_now": holding.get(r, 0)}
             for r in sorted(set(done) | set(holding) - {None}, key=lambda i: names.get(i, ""))] + \
@@ -66,14 +66,14 @@ def _reviewers(db: Session, project_id: int, in_project, names: dict) -> list[di
 def _throughput(db: Session, project_id: int, now: datetime) -> dict:
     def accepted_since(delta: timedelta) -> int:
         return db.scalar(select(func.count()).select_from(Task).where(
-            Task.project_id == project_id, Task.state == "accepted", Task.accepted_at > now - delta))
+            Task.project_id == project_id, Task.purpose == "work", Task.state == "accepted", Task.accepted_at > now - delta))
     last_day = accepted_since(timedelta(hours=24))
     return {"accepted_last_hour": accepted_since(timedelta(hours=1)), "accepted_last_24h": last_day,
             "accepted_per_hour_24h": round(last_day / 24, 2)}
 
 
 def _active_time(db: Session, project_id: int) -> float | None:
-    value = db.scalar(select(func.avg(Task.active_seconds)).where(Task.project_id == project_id,
+    value = db.scalar(select(func.avg(Task.active_seconds)).where(Task.project_id == project_id, Task.purpose == "work",
                                                                  Task.state == "accepted"))
     return None if value is None else round(float(value), 1)
 

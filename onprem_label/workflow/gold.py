@@ -19,7 +19,7 @@ from onprem_label.workflow.members import require_role
 from onprem_label.workflow.metrics import ItemScore, Thresholds, score_item
 from onprem_label.workflow.settings import ProjectSettings
 from onprem_label.workflow.shapes import ShapeError, validate_annotation
-from onprem_label.workflow.taskrows import TASKS as T, TaskRow
+from onprem_label.workflow.taskrows import ANNOTATIONS, REVIEWS, TASKS as T, TaskRow
 
 GOLD, CHECKS = GoldItem.__table__, GoldCheck.__table__
 USES = ("hidden", "qualification", "both")
@@ -44,8 +44,10 @@ def mark_gold(db: Session, project, item_id: Any, reference: Any, *, use: Any = 
         raise Invalid("Unknown gold use.", errors=[{"field": "use", "message": " or ".join(USES)}])
     conn = db.connection()
     item = taskrows.item_size(conn, item_id) if isinstance(item_id, int) else None
+    # The item's work tasks, locked: a lease (SKIP LOCKED) passes them by, and a second mark of the
+    # same item waits here rather than racing this one to the gold row.
     work = conn.execute(select(T.c.id, T.c.state, T.c.project_id, T.c.version).where(
-        T.c.item_id == item_id, T.c.purpose.in_(("work", "held")))).all() if item is not None else []
+        T.c.item_id == item_id, T.c.purpose.in_(("work", "held"))).with_for_update()).all() if item is not None else []
     if item is None or (work and work[0].project_id != project.id):
         raise NotFound("No such item in this project.")
     busy = [row for row in work if row.state not in ("new", "accepted")]
@@ -92,10 +94,18 @@ def list_gold(db: Session, project_id: int) -> list[GoldItem]:
                            .order_by(GoldItem.active.desc(), GoldItem.item_id)))
 
 
-# Gold items this person has never touched: a labeler who labeled or reviewed an item (or met it
-# in a test) would recognise it, and the check would no longer be hidden.
-_TOUCHED = exists().where(T.c.item_id == GOLD.c.item_id, or_(T.c.labeler_id == bindparam("user_id"),
-                                                              T.c.reviewer_id == bindparam("user_id")))
+# Gold items this person has never touched: a labeler who labeled, reviewed or held an item (or met
+# it in a test) would recognise it, and the check would no longer be hidden. The task's own columns
+# are overwritten as work moves on, so the reviews and revisions they left are asked too.
+_ON_ITEM = T.alias("on_item")
+_TOUCHED = or_(
+    exists().where(T.c.item_id == GOLD.c.item_id, or_(T.c.labeler_id == bindparam("user_id"),
+                                                       T.c.reviewer_id == bindparam("user_id"),
+                                                       T.c.lease_owner_id == bindparam("user_id"))),
+    exists().where(_ON_ITEM.c.item_id == GOLD.c.item_id, REVIEWS.c.task_id == _ON_ITEM.c.id,
+                   REVIEWS.c.reviewer_id == bindparam("user_id")),
+    exists().where(_ON_ITEM.c.item_id == GOLD.c.item_id, ANNOTATIONS.c.task_id == _ON_ITEM.c.id,
+                   ANNOTATIONS.c.author_id == bindparam("user_id")))
 _UNTOUCHED_GOLD = (select(GOLD.c.item_id).where(GOLD.c.project_id == bindparam("project_id"), GOLD.c.active.is_(True),
                                                  GOLD.c.use.in_(("hidden", "both")), ~_TOUCHED)
                    .order_by(GOLD.c.item_id).limit(DRAW_POOL))

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, exists, insert, or_, select, text
+from sqlalchemy import and_, bindparam, case, exists, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
@@ -81,6 +81,7 @@ def _shared(*extra) -> dict:
 
 SHARED_QUEUES, CONSENSUS_QUEUES = _shared(), _shared(NOT_MY_ITEM)
 LABEL_QUEUES = {**MY_QUEUES, **SHARED_QUEUES}
+OWN_WORK = {name: MY_QUEUES[name] for name in ("rework", "lapsed mine")}
 TEST_QUEUES = {name: queue_query(*_MINE, T.c.state == state, T.c.purpose == "qualification", *extra, order_by=[T.c.id])
                for name, state, extra in (("test", "new", ()), ("lapsed test", "labeling", (T.c.lease_expires_at <= _NOW,)))}
 # A spot check goes to a second reviewer: never to the one who accepted the task it checks.
@@ -98,8 +99,11 @@ def _review(first: list) -> dict:
 
 
 REVIEW_QUEUES = _review([])
-# Consensus: the items whose copies agree least are reviewed first (copies not all in yet, last).
-CONSENSUS_REVIEW_QUEUES = _review([T.c.agreement.is_(None), T.c.agreement])
+# Consensus: the items whose copies agree least are reviewed first (copies not all in yet, last);
+# gold and spot checks, which have no agreement, take the middle (0.5) rather than waiting for ever.
+_WAITING_FOR_COPIES = and_(T.c.purpose == "work", T.c.agreement.is_(None))
+CONSENSUS_REVIEW_QUEUES = _review([case((_WAITING_FOR_COPIES, 1), else_=0),
+                                   func.coalesce(T.c.agreement, 0.5)])
 
 
 def lease_next_task(db: Session, project, user: User, *, review: bool, now: datetime,
@@ -132,7 +136,9 @@ def lease_next_task(db: Session, project, user: User, *, review: bool, now: date
         return _first_granted(db, conn, CONSENSUS_REVIEW_QUEUES if consensus else REVIEW_QUEUES, params, user, True,
                               settings, now, context)
     if not qualification.may_work(db, project.id, user.id, settings):
-        return _first_granted(db, conn, TEST_QUEUES, params, user, False, settings, now, context) or \
+        # Work already theirs (rework from before the test was asked for) goes on; new work waits.
+        return _first_granted(db, conn, OWN_WORK, params, user, False, settings, now, context) or \
+            _first_granted(db, conn, TEST_QUEUES, params, user, False, settings, now, context) or \
             qualification.refuse(db, project.id, user.id, settings, now)
     lease = _first_granted(db, conn, MY_QUEUES, params, user, False, settings, now, context)
     if lease is None and (item_id := gold.draw_hidden_gold(conn, project.id, user.id, settings.hidden_gold_rate, rng)):
@@ -161,6 +167,12 @@ def _grant(db: Session, task: TaskRow, user: User, review: bool, minutes: int, n
         record(db, AuditAction.TASK_LEASE_EXPIRED, object_type="task", object_id=task.id,
                details={"previous_holder": task.lease_owner_id, "expired_at": str(task.lease_expires_at)},
                context=context, now=now)
+    if task.lease_owner_id is not None and task.lease_seconds:
+        # The lapsed lease's heartbeats were work too: its holder's line of the work log.
+        db.connection().execute(_LOG_WORK, {
+            "project_id": task.project_id, "task_id": task.id, "user_id": task.lease_owner_id,
+            "kind": "review" if task.state == "reviewing" else "label", "outcome": "expired",
+            "seconds": task.lease_seconds, "ended_at": now})
     before, version = task.state, task.version
     task.state = "reviewing" if review else "labeling"
     if review:

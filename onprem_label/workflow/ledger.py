@@ -3,15 +3,16 @@
 Money is Decimal throughout and stored as decimal text, so sums are exact on both databases.
 A rate is rounded half-even to the project's `pay_decimals` places once, when an entry is
 written; totals are exact sums of entries. Rejected work earns nothing until its task is
-accepted; then the labeler is paid once per task and each review decision once. Hidden gold
-checks and test questions are paid only when the project's `pay_gold` says so.
+accepted; then the labeler is paid once per task and each review decision once. The labeler of a
+hidden gold check or a test question is paid only when the project's `pay_gold` says so; reviewers
+are paid for reviewing gold checks and spot checks as for any review (they cannot tell them apart).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 
@@ -37,14 +38,17 @@ def money(value: str | Decimal, decimals: int) -> Decimal:
 def pay_for_acceptance(db: Session, task: TaskRow, settings: ProjectSettings, *, now: datetime,
                        actor: User | None = None, context: AuditContext = CONSOLE) -> list[dict]:
     """Write the entries an accepted task earns (none twice, none without a currency); audited."""
-    if not settings.pay_currency or (task.purpose not in ("work", "spot_check") and not settings.pay_gold):
+    if not settings.pay_currency or task.purpose == "qualification" and not settings.pay_gold:
         return []
     conn = db.connection()
     if conn.execute(select(ENTRIES.c.id).where(ENTRIES.c.task_id == task.id).limit(1)).first() is not None:
         return []  # paid already: acceptance is final, but the ledger is the last guard against paying twice
     label_kind = "label" if task.purpose == "work" else "gold"
+    # A spot check pays its reviewer only; a hidden gold check pays its reviewers (who review it as
+    # any task, unknowing) and its labeler only when pay_gold says so.
+    paid_labeler = task.purpose == "work" or (task.purpose in ("gold", "qualification") and settings.pay_gold)
     lines = []
-    if task.labeler_id is not None and task.purpose != "spot_check":  # a spot check pays its reviewer only
+    if task.labeler_id is not None and paid_labeler:
         lines.append((task.labeler_id, label_kind, settings.pay_label_rate))
     reviewers = conn.execute(select(REVIEWS.c.reviewer_id).where(REVIEWS.c.task_id == task.id,
                                                                  REVIEWS.c.reviewer_id.is_not(None))
@@ -101,6 +105,16 @@ def statements(db: Session, project_id: int, settings: ProjectSettings, *, start
     out = [_statement(project_id, user_id, names.get(user_id, f"user {user_id}"), amounts.get(user_id, {}),
                       int(seconds.get(user_id) or 0), settings, start, end) for user_id in people]
     return sorted(out, key=lambda s: (s.username, s.user_id))
+
+
+def as_seen_by_worker(row: Statement) -> Statement:
+    """A statement as its own person sees it: gold lines folded into label lines, so the statement
+    cannot point at which of their tasks were hidden gold checks."""
+    if not row.gold_tasks:
+        return row
+    label = Decimal(row.label_amount) + Decimal(row.gold_amount)
+    return replace(row, label_tasks=row.label_tasks + row.gold_tasks, label_amount=str(label), gold_tasks=0,
+                   gold_amount=str(Decimal(row.gold_amount) * 0))
 
 
 def _statement(project_id: int, user_id: int, username: str, kinds: dict[str, list], seconds: int,

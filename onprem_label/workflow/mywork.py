@@ -32,8 +32,10 @@ def my_work(db: Session, user: User) -> list[dict]:
         return []
     ids = list(projects)
     for project_id, state, count in db.execute(
+            # their own tasks, hidden gold checks among them as among their leases (never tests or spot checks)
             select(Task.project_id, Task.state, func.count()).where(Task.project_id.in_(ids),
-                                                                    Task.labeler_id == user.id)
+                                                                    Task.labeler_id == user.id,
+                                                                    Task.purpose.in_(("work", "gold")))
             .group_by(Task.project_id, Task.state)):
         projects[project_id]["counts"][state] = count
     _first_pass(db, user, projects)
@@ -50,6 +52,7 @@ def _first_pass(db: Session, user: User, projects: dict[int, dict]) -> None:
     first = Review.round == 0
     counted = select(Task.project_id, Review.decision, func.count()).join(Review, Review.task_id == Task.id) \
         .where(Task.project_id.in_(list(projects)), Task.labeler_id == user.id, first,
+               Task.purpose.in_(("work", "gold")),
                Review.decision != "auto_accept").group_by(Task.project_id, Review.decision)
     totals: dict[int, dict[str, int]] = defaultdict(dict)
     for project_id, decision, count in db.execute(counted):

@@ -105,14 +105,12 @@ def state_counts(db: Session, project_id: int, *, purposes: tuple[str, ...] = ("
 def counts_for(db: Session, project_id: int, roles: set[str], user_id: int) -> dict[str, int]:
     """The counts a caller may see without telling a hidden gold check from real work.
 
-    Managers see the real work. Reviewers see work and gold together (both are in their queue). A
-    labeler sees their own tasks only: project-wide counts would give a gold check away (leasing
-    one adds to "labeling" without taking from "new").
+    Managers and reviewers see the real work (as the dashboard does). A labeler sees their own tasks
+    only: project-wide counts would give a gold check away (leasing one adds to "labeling" without
+    taking from "new").
     """
-    if "manager" in roles:
+    if roles & {"manager", "reviewer"}:
         return state_counts(db, project_id)
-    if "reviewer" in roles:
-        return state_counts(db, project_id, purposes=("work", "gold"))
     return state_counts(db, project_id, purposes=("work", "gold"), labeler_id=user_id)
 
 

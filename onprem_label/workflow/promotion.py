@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
@@ -12,7 +13,7 @@ from onprem_label.audit.record import CONSOLE, AuditContext, record
 from onprem_label.db.models import Project, ProjectMember, User
 from onprem_label.db.quality import RoleProposal
 from onprem_label.workflow import members, quality
-from onprem_label.workflow.errors import Conflict, Invalid, NotFound
+from onprem_label.workflow.errors import Conflict, Invalid, NotFound, WorkflowError
 from onprem_label.workflow.settings import ProjectSettings, project_settings
 from onprem_label.workflow.taskrows import TASKS as T
 
@@ -58,18 +59,21 @@ def evaluate(db: Session, project: Project, *, now: datetime, actor: User | None
         roles.setdefault(user_id, set()).add(role)
     open_ = {(p.user_id, p.kind) for p in db.scalars(select(RoleProposal).where(
         RoleProposal.project_id == project.id, RoleProposal.status == "open"))}
+    inactive = set(db.scalars(select(User.id).where(User.active.is_(False))))
     made = []
     for row in figures["labelers"]:
         uid = row["user_id"]
-        if (only_user not in (None, uid) or "reviewer" in roles.get(uid, set()) or (uid, "promote") in open_
-                or promotion_reasons(row, settings)):
+        if (only_user not in (None, uid) or uid in inactive or "reviewer" in roles.get(uid, set())
+                or (uid, "promote") in open_ or promotion_reasons(row, settings)):
             continue
         made.append(_propose(db, project, uid, "promote", row, "meets every promotion threshold", now, actor, context))
+    made = [p for p in made if p is not None]
     for row in figures["reviewers"]:
         uid, reason = row["user_id"], demotion_reason(row, settings)
         if (only_user is None and reason and "reviewer" in roles.get(uid, set())
                 and (uid, "demote") not in open_):
             made.append(_propose(db, project, uid, "demote", row, reason, now, actor, context))
+    made = [p for p in made if p is not None]
     if settings.auto_promote:
         for proposal in made:
             if proposal.kind == "promote":
@@ -86,15 +90,22 @@ def after_acceptance(db: Session, project: Project, labeler_id: int | None, *, n
     accepted = db.scalar(select(func.count()).select_from(T).where(
         T.c.project_id == project.id, T.c.labeler_id == labeler_id, T.c.state == "accepted", T.c.purpose == "work"))
     if accepted >= settings.promote_min_accepted and accepted % CHECK_EVERY == 0:
-        evaluate(db, project, now=now, actor=actor, context=context, only_user=labeler_id)
+        try:
+            with db.begin_nested():  # a proposal must never cost the acceptance that set it off
+                evaluate(db, project, now=now, actor=actor, context=context, only_user=labeler_id)
+        except (IntegrityError, WorkflowError):
+            pass  # another request proposed them at the same moment, or the role changed meanwhile
 
 
 def _propose(db: Session, project: Project, user_id: int, kind: str, figures: dict, reason: str, now: datetime,
-             actor: User | None, context: AuditContext) -> RoleProposal:
+             actor: User | None, context: AuditContext) -> RoleProposal | None:
     proposal = RoleProposal(project_id=project.id, user_id=user_id, kind=kind, status="open", figures=figures,
                             reason=reason, created_at=now)
-    db.add(proposal)
-    db.flush()
+    try:
+        with db.begin_nested():  # the open-proposal index: a racing evaluation proposed them already
+            db.add(proposal)
+    except IntegrityError:
+        return None
     record(db, AuditAction.PEOPLE_PROPOSE, actor=actor, object_type="project", object_id=project.id,
            details={"proposal_id": proposal.id, "user_id": user_id, "kind": kind, "reason": reason},
            context=context, now=now)

@@ -6,6 +6,7 @@ import random
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
@@ -40,14 +41,14 @@ def _attempts(db: Session, project_id: int, user_id: int) -> list[QualificationA
 def status(db: Session, project_id: int, user_id: int, settings: ProjectSettings, now: datetime) -> dict:
     """Where the person stands: required, passed, the test under way, retakes left and when the next may start."""
     attempts = _attempts(db, project_id, user_id)
-    finished = [a for a in attempts if a.passed is not None]
+    finished = [a for a in attempts if a.passed is not None and a.counted]
     open_ = next((a for a in attempts if a.passed is None), None)
     retakes_left = max(0, settings.qualification_retakes + 1 - len(finished))
     next_at = None
     if finished and not finished[-1].passed:
         next_at = finished[-1].finished_at + timedelta(hours=settings.qualification_cooldown_hours)
     return {"required": settings.qualification_items > 0, "items": settings.qualification_items,
-            "pass_mark": settings.qualification_pass, "passed": any(a.passed for a in finished),
+            "pass_mark": settings.qualification_pass, "passed": any(a.passed for a in attempts),
             "attempts": [_attempt_json(a) for a in attempts],
             "under_way": _attempt_json(open_) if open_ else None,
             "attempts_left": retakes_left,
@@ -104,8 +105,13 @@ def start_test(db: Session, project, user: User, *, now: datetime, context: Audi
     chosen = (fresh + old)[:settings.qualification_items]
     attempt = QualificationAttempt(project_id=project.id, user_id=user.id, item_ids=chosen,
                                    pass_mark=settings.qualification_pass, answered=0, correct=0, started_at=now)
-    db.add(attempt)
-    db.flush()
+    try:
+        with db.begin_nested():  # a second request at the same moment: the index keeps one test
+            db.add(attempt)
+    except IntegrityError:
+        return db.scalar(select(QualificationAttempt).where(
+            QualificationAttempt.project_id == project.id, QualificationAttempt.user_id == user.id,
+            QualificationAttempt.passed.is_(None)))
     conn = db.connection()
     for item_id in chosen:
         gold.new_gold_task(conn, project_id=project.id, item_id=item_id, user_id=user.id, purpose="qualification",
@@ -123,7 +129,8 @@ def answer(db: Session, task: TaskRow, user: User, annotation, settings: Project
     task.state, task.accepted_at, task.review_sampled = "accepted", now, False
     attempt = db.scalar(select(QualificationAttempt).where(QualificationAttempt.project_id == task.project_id,
                                                            QualificationAttempt.user_id == user.id,
-                                                           QualificationAttempt.passed.is_(None)))
+                                                           QualificationAttempt.passed.is_(None))
+                        .order_by(QualificationAttempt.id).limit(1))
     if attempt is None or task.item_id not in attempt.item_ids:
         return  # a question of a test ended by other means; scored, counts nowhere
     attempt.answered += 1
@@ -135,6 +142,24 @@ def answer(db: Session, task: TaskRow, user: User, annotation, settings: Project
                details={"attempt_id": attempt.id, "score": round(attempt.score, 4), "passed": attempt.passed,
                         "correct": attempt.correct, "questions": len(attempt.item_ids)}, context=context, now=now)
     db.flush()
+
+
+def grant_fresh_start(db: Session, project, manager: User, person: User, *, now: datetime,
+                      context: AuditContext = CONSOLE) -> dict:
+    """A manager lets someone who used up their retakes start again: failed attempts stop counting
+    (they stay on record); audited. The person's new standing."""
+    require_role(db, project.id, manager, "manager")
+    settings = project_settings(project)
+    if not settings.qualification_items:
+        raise Conflict("This project has no qualification test.", state="not_required")
+    cleared = 0
+    for attempt in _attempts(db, project.id, person.id):
+        if attempt.passed is False and attempt.counted:
+            attempt.counted, cleared = False, cleared + 1
+    db.flush()
+    record(db, AuditAction.QUALIFICATION_FRESH_START, actor=manager, object_type="user", object_id=person.id,
+           details={"project_id": project.id, "attempts_cleared": cleared}, context=context, now=now)
+    return status(db, project.id, person.id, settings, now)
 
 
 def feedback(db: Session, task: TaskRow) -> dict:

@@ -28,20 +28,24 @@ def maybe_spot_check(db: Session, task: TaskRow, annotation, settings: ProjectSe
     rng = rng or gold.SYSTEM_RANDOM
     if task.purpose != "work" or settings.spot_check_rate <= 0 or rng.random() >= settings.spot_check_rate:
         return None
-    reviewers = db.scalar(select(func.count()).select_from(ProjectMember).where(
-        ProjectMember.project_id == task.project_id, ProjectMember.role == "reviewer"))
-    if reviewers < 2 or annotation is None:
+    others = db.scalar(select(func.count()).select_from(ProjectMember).join(User, User.id == ProjectMember.user_id)
+                       .where(ProjectMember.project_id == task.project_id, ProjectMember.role == "reviewer",
+                              User.active.is_(True), User.id.not_in([reviewer.id, task.labeler_id or 0])))
+    if not others or annotation is None:
         return None  # nobody else could take it: it would wait for ever
     conn = db.connection()
+    # It must look like a task handed in for its first review: the original's version, time and hand-in
+    # moment, its labels as the labeler's revision under the same number (a correction by the first
+    # reviewer must not show), and no review history.
     check_id = conn.execute(insert(T).values(
         project_id=task.project_id, item_id=task.item_id, state="submitted", purpose="spot_check", slot=0, round=0,
-        version=1, labeler_id=task.labeler_id, origin_task_id=task.id, active_seconds=0, lease_seconds=0,
-        created_at=now, updated_at=now, submitted_at=now, review_sampled=True).returning(T.c.id)).scalar_one()
-    # The accepted labels as the labeler's revision: a correction by the first reviewer must not show.
-    conn.execute(insert(ANNOTATIONS).values(task_id=check_id, revision=1, round=0, kind="label",
+        version=max(1, task.version - 2), labeler_id=task.labeler_id, origin_task_id=task.id,
+        active_seconds=task.active_seconds, lease_seconds=0, created_at=task.created_at, updated_at=now,
+        submitted_at=task.submitted_at or now, review_sampled=True).returning(T.c.id)).scalar_one()
+    conn.execute(insert(ANNOTATIONS).values(task_id=check_id, revision=annotation.revision, round=0, kind="label",
                                             author_id=task.labeler_id, schema_version=annotation.schema_version,
                                             shapes=annotation.shapes, classifications=annotation.classifications,
-                                            created_at=now))
+                                            created_at=task.submitted_at or now))
     record(db, AuditAction.TASK_SPOT_CHECK, actor=reviewer, object_type="task", object_id=check_id,
            details={"project_id": task.project_id, "checks_task": task.id, "first_reviewer": reviewer.id},
            context=context, now=now)

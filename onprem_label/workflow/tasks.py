@@ -33,10 +33,14 @@ MAX_COMMENT = 5000
 DECISIONS = ("accept", "reject", "correct")
 
 
-def get_task(db: Session, task_id: int, user: User, *, lock: bool = False) -> TaskRow:
-    """A task the user may see (any project role); 404 for another project's task."""
+def get_task(db: Session, task_id: int, user: User, *, lock: bool = False, reading: bool = False) -> TaskRow:
+    """A task the user may see (any project role); 404 for another project's task.
+
+    `reading` (showing its labels): someone who is only a labeler in the project sees their own
+    tasks, no one else's: another person's labels on a gold item would be its answer."""
     task = taskrows.load_task(db.connection(), task_id, lock=lock)
-    if task is None or not project_roles(db, task.project_id, user):
+    roles = project_roles(db, task.project_id, user) if task is not None else set()
+    if not roles or (reading and roles == {"labeler"} and user.id not in (task.labeler_id, task.lease_owner_id)):
         raise NotFound("No such task.")
     return task
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 
 from flask import Response, jsonify, request
 
+from onprem_label.auth.roles import Permission
+from onprem_label.db.models import User
 from onprem_label.db.quality import GoldItem, RoleProposal
 from onprem_label.web.api import bp
 from onprem_label.web.api.workflow import _body, _user
 from onprem_label.web.context import audit_context, db, now
 from onprem_label.web.login import require
 from onprem_label.workflow import gold, ledger, matching, members, promotion, qualification, quality
-from onprem_label.workflow.errors import Invalid
+from onprem_label.workflow.errors import Invalid, NotFound
 from onprem_label.workflow.settings import project_settings
 
 MAX_PERIOD = timedelta(days=366)
@@ -88,6 +90,20 @@ def start_qualification(project_id: int):
     return jsonify(qualification.status(dbs, project.id, user.id, project_settings(project), now())), 201
 
 
+@bp.post("/projects/<id:project_id>/qualification/<id:user_id>/fresh-start")
+@require()
+def qualification_fresh_start(project_id: int, user_id: int):
+    """Managers: let a labeler who used up their retakes take the test again (failed attempts stop counting)."""
+    dbs, manager = db(), _user()
+    project = members.get_project(dbs, project_id, manager, "manager")
+    person = dbs.get(User, user_id)
+    if person is None or "labeler" not in members.project_roles(dbs, project.id, person):
+        raise NotFound("No such labeler in this project.")
+    standing = qualification.grant_fresh_start(dbs, project, manager, person, now=now(), context=audit_context())
+    dbs.commit()
+    return jsonify(standing)
+
+
 # --- quality and people ---------------------------------------------------------------------------
 
 @bp.get("/projects/<id:project_id>/quality")
@@ -135,27 +151,21 @@ def decide_proposal(project_id: int, proposal_id: int):
 
 
 @bp.get("/projects/<id:project_id>/people/recommended")
-@require()
+@require(Permission.MANAGE_PROJECTS)
 def recommended_people(project_id: int):
-    """Managers: active labelers ranked by how well their history fits the project's work."""
+    """Site managers: active labelers ranked by how well their history fits the project's work (it draws
+    on every project, so a manager of one project alone does not see it)."""
     dbs = db()
     project = members.get_project(dbs, project_id, _user(), "manager")
     return jsonify(matching.recommend(dbs, project))
 
 
-@bp.get("/users/me/skills")
-@require()
-def my_skills():
-    """The caller's skill profile (accuracy and speed per modality and label class)."""
-    return jsonify({"skills": matching.profile_json(db(), _user().id)})
-
-
 # --- pay -----------------------------------------------------------------------------------------------
 
 def _day(value: str) -> datetime:
-    """A date (or date and time) as the start of that moment in UTC."""
-    moment = datetime.fromisoformat(value)
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    """A date as the start of that day in UTC (whole days only: a finer period could single out one
+    task's payment, and so tell a person which of their tasks were gold checks)."""
+    return datetime.combine(date.fromisoformat(value), time(), tzinfo=timezone.utc)
 
 
 def _period() -> tuple[datetime, datetime]:
@@ -166,7 +176,7 @@ def _period() -> tuple[datetime, datetime]:
             datetime.combine(today.replace(day=1), time(), tzinfo=timezone.utc)
         end = _day(request.args["to"]) + timedelta(days=1) if "to" in request.args else \
             datetime.combine(today, time(), tzinfo=timezone.utc) + timedelta(days=1)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise Invalid("from and to are dates (YYYY-MM-DD).", errors=[{"field": "from", "message": "a date"}]) from None
     if not timedelta(0) < end - start <= MAX_PERIOD:
         raise Invalid("The period runs forwards and spans at most 366 days.",
@@ -186,7 +196,7 @@ def pay_statements(project_id: int):
     start, end = _period()
     rows = ledger.statements(dbs, project.id, project_settings(project), start=start, end=end)
     if "manager" not in members.project_roles(dbs, project.id, user):
-        rows = [r for r in rows if r.user_id == user.id]
+        rows = [ledger.as_seen_by_worker(r) for r in rows if r.user_id == user.id]
     ledger.record_statement_read(dbs, project.id, user, start, end, len(rows), fmt, now=now(), context=audit_context())
     dbs.commit()
     if fmt == "csv":

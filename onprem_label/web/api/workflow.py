@@ -130,6 +130,7 @@ def update_project(project_id: int):
         project.description = changes["description"] = body["description"]
     added = 0
     if "settings" in body:
+        consensus.refuse_lower_k(dbs, project.id, body["settings"])
         project.settings = changes["settings"] = validate_settings({**(project.settings or {}), **(body["settings"] or {})}
                                                                    if isinstance(body["settings"], dict) else body["settings"])
         # Consensus raised: every item gets its further copies now (lowering it keeps what exists).
@@ -233,7 +234,7 @@ def list_tasks(project_id: int):
 def get_task(task_id: int):
     """A task, its current annotation and its review history (audited as a read)."""
     dbs, user = db(), _user()
-    task = tasks.get_task(dbs, task_id, user)
+    task = tasks.get_task(dbs, task_id, user, reading=True)
     answer = {"task": task_json(task), "annotation": annotation_json(tasks.latest_annotation(dbs, task.id)),
               "reviews": [review_json(r) for r in tasks.reviews_of(dbs, task.id)]}
     record(dbs, AuditAction.TASK_VIEW, actor=user, object_type="task", object_id=task.id,
@@ -247,7 +248,7 @@ def get_task(task_id: int):
 def task_revisions(task_id: int):
     """The task's saved revisions, newest first: `?limit=` (<= 100, default 20) or `?revision=n` for one."""
     dbs, user = db(), _caller()
-    task = tasks.get_task(dbs, task_id, user)
+    task = tasks.get_task(dbs, task_id, user, reading=True)
     try:
         limit = min(int(request.args.get("limit", 20)), REVISIONS_MAX)
         revision = int(request.args["revision"]) if "revision" in request.args else None
