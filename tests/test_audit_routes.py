@@ -329,7 +329,8 @@ AUDIT: dict[tuple[str, str], Case | dict[str, Case]] = {
     ("items.item", "GET"): Case("labeler", path("/items/{i}"), (A.ITEM_VIEW,)),
     ("api.item_image", "GET"): Case("labeler", path("/api/v1/items/{i}/image"), (A.IMAGE_READ,)),
     ("api.item_thumbnail", "GET"): Case("labeler", path("/api/v1/items/{i}/thumbnail"), (A.IMAGE_READ,)),
-    ("api.get_task", "GET"): Case("labeler", path("/api/v1/tasks/{t}"), (A.TASK_VIEW,)),
+    # A labeler reads their own tasks only (another's labels on a gold item would be its answer).
+    ("api.get_task", "GET"): Case("labeler", lambda w, _c: Call(f"/api/v1/tasks/{w.leased()['id']}"), (A.TASK_VIEW,)),
     ("api.task_revisions", "GET"): Case("labeler", _revisions, (A.TASK_VIEW,)),
     ("api.clear_pixel_check", "POST"): Case("manager", body("/api/v1/items/{i}/pixel-check"),
                                             (A.ITEM_PIXEL_CHECK_CLEAR,)),

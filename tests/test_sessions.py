@@ -204,7 +204,7 @@ def test_password_change_ends_the_users_other_sessions(app, client, auth, make_u
 def _urls(app, user_id: int):
     """(method, url, endpoint) for every route of the app, with arguments filled in."""
     values = {"user_id": user_id, "action": "unlock", "token_id": 1, "filename": "style.css",
-              "project_id": 1, "item_id": 1, "task_id": 1}
+              "project_id": 1, "item_id": 1, "task_id": 1, "proposal_id": 1}
     adapter = app.url_map.bind("localhost")
     for rule in app.url_map.iter_rules():
         url = adapter.build(rule.endpoint, {a: values[a] for a in rule.arguments})
