@@ -382,6 +382,7 @@ AUDIT: dict[tuple[str, str], Case | dict[str, Case]] = {
     ("projects.create", "POST"): Case("manager", form("/projects", name="Second"), (A.PROJECT_CREATE,), 303),
     ("projects.admin", "GET"): Case("manager", path("/projects/{p}/admin"), READ_ONLY),
     ("projects.quality", "GET"): Case("manager", path("/projects/{p}/quality"), READ_ONLY),
+    ("api.export_project", "GET"): Case("manager", path("/api/v1/projects/{p}/export?format=jsonl"), (A.EXPORT_PROJECT,)),
     ("work.label", "GET"): Case("labeler", path("/projects/{p}/label"), READ_ONLY),
     ("work.review", "GET"): Case("reviewer", path("/projects/{p}/review"), READ_ONLY),
 }

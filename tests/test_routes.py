@@ -121,6 +121,7 @@ MATRIX = {
     ("api.qualification_fresh_start", "POST"): row(401, 404, 404, 404, 404, 404),  # the target is no labeler here
     ("api.pay_statements", "GET"): row(401, 200, 200, 404, 404, 404),
     ("projects.quality", "GET"): row(LOGIN, 200, 200, 404, 404, 404),
+    ("api.export_project", "GET"): row(401, 422, 422, 404, 404, 404),  # no format asked for
 }
 
 # What each state-changing request sends (besides a valid CSRF token).
@@ -203,7 +204,7 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
                 "api.project_dashboard", "api.next_task", "api.list_tasks", "work.label", "work.review",
                 "projects.admin", "api.list_gold", "api.qualification_status", "api.start_qualification",
                 "api.project_quality", "api.list_proposals", "api.evaluate_people", "api.recommended_people",
-                "api.pay_statements", "projects.quality")},
+                "api.pay_statements", "projects.quality", "api.export_project")},
             **{name: {"project_id": ids["project"], "item_id": ids["item"]} for name in (
                 "api.mark_gold", "api.unmark_gold")},
             "api.decide_proposal": {"project_id": ids["project"], "proposal_id": 1},

@@ -72,6 +72,8 @@ class AuditAction(StrEnum):
     IMAGE_READ = "image:read"
     ITEM_PIXEL_CHECK_CLEAR = "item:pixel_check_clear"
 
+    EXPORT_PROJECT = "export:project"
+
     AUDIT_SEARCH = "audit:search"
     AUDIT_EXPORT = "audit:export"
     AUDIT_VERIFY = "audit:verify"

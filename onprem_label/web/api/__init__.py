@@ -4,4 +4,4 @@ from flask import Blueprint
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-from onprem_label.web.api import accounts, audit, items, quality, workflow  # noqa: E402,F401  (registers routes)
+from onprem_label.web.api import accounts, audit, exchange, items, quality, workflow  # noqa: E402,F401  (registers routes)

@@ -1,0 +1,68 @@
+"""CLI for dataset exchange: `export PROJECT --format F --out FILE`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from onprem_label.clock import utcnow
+from onprem_label.cli_ingest import _root, console_name
+
+
+@click.command("export")
+@click.argument("project")
+@click.option("--format", "fmt", required=True, type=click.Choice(["coco", "yolo", "voc", "csv", "jsonl"]),
+              help="coco (JSON), yolo or voc (zip of label files), csv (one row per shape), jsonl (every "
+                   "revision and review).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The file to write (written beside it first, then renamed: never half a file).")
+@click.option("--state", default="accepted", show_default=True, help="Task states, comma-separated.")
+@click.option("--since", default=None, help="Accepted (or last changed) on or after this date, YYYY-MM-DD.")
+@click.option("--until", default=None, help="... and on or before this date.")
+@click.option("--label", default=None, help="Only shapes of these classes, comma-separated.")
+@click.pass_context
+def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since, until, label) -> None:
+    """Export PROJECT's labels (audited; items awaiting a pixel check never leave)."""
+    from onprem_label.cli import CliError, open_database
+    from onprem_label.db.engine import read_connection
+    from onprem_label.exchange import export
+    from onprem_label.exchange.selection import FilterError, parse_filter
+    from onprem_label.workflow.projects import UnknownProject, find_project
+
+    try:
+        flt = parse_filter({"state": state, "since": since, "until": until, "label": label})
+    except FilterError as exc:
+        raise CliError(f"--{exc.field}: {exc}") from None
+    target = Path(out_path)
+    partial = target.with_name(target.name + ".partial")
+    engine, make_session = open_database(_root(ctx))
+    try:
+        with make_session() as db:
+            try:
+                found = find_project(db, project)
+            except UnknownProject as exc:
+                raise CliError(str(exc)) from None
+            moment = utcnow()
+            with read_connection(engine) as conn:
+                counts = export.begin(db, conn, found, fmt, flt, now=moment, actor_name=console_name())
+            db.commit()
+            passes = export.FORMATS[fmt][2]
+            with read_connection(engine) as conn, open(partial, "wb") as out, \
+                    click.progressbar(length=counts["tasks"] * passes, label=f"exporting {fmt}",
+                                      file=sys.stderr) as bar:
+                for chunk in export.chunks(conn, found, fmt, flt, counts, now=moment, progress=bar.update):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, target)
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+        engine.dispose()
+    withheld = counts["withheld_pixel_check"]
+    click.echo(f"exported {counts['tasks']} tasks of project {found.id} as {fmt} to {target}"
+               + (f"; {withheld} held back until their pixels are checked" if withheld else ""))

@@ -1,0 +1,51 @@
+"""API: a project's export, streamed (`GET /api/v1/projects/<pid>/export?format=...`)."""
+
+from __future__ import annotations
+
+from flask import Response, request, stream_with_context
+
+from onprem_label.db.engine import read_connection
+from onprem_label.exchange import export
+from onprem_label.exchange.selection import FilterError, parse_filter
+from onprem_label.web.api import bp
+from onprem_label.web.api.workflow import _user
+from onprem_label.web.context import audit_context, db, now, services
+from onprem_label.web.login import require
+from onprem_label.workflow import members
+from onprem_label.workflow.errors import Invalid
+
+
+@bp.get("/projects/<id:project_id>/export")
+@require()
+def export_project(project_id: int):
+    """Managers: the project's labels as `?format=coco|yolo|voc|csv|jsonl`, filtered by `state`
+    (comma-separated, default accepted), `since`, `until` (dates) and `label`; streamed."""
+    dbs, user = db(), _user()
+    project = members.get_project(dbs, project_id, user, "manager")
+    fmt = request.args.get("format", "")
+    try:
+        export.check_format(fmt)
+        flt = parse_filter(request.args)
+    except FilterError as exc:
+        raise Invalid(str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
+    svc, moment = services(), now()
+    with read_connection(svc.engine) as conn:
+        counts = export.begin(dbs, conn, project, fmt, flt, now=moment, actor=user, context=audit_context())
+    dbs.commit()
+    snapshot = {"id": project.id, "name": project.name, "label_schema": project.label_schema}
+
+    def body():
+        with read_connection(svc.engine) as conn:
+            yield from export.chunks(conn, _Project(**snapshot), fmt, flt, counts, now=moment)
+
+    return Response(stream_with_context(body()), mimetype=export.FORMATS[fmt][0], headers={
+        "Content-Disposition": f'attachment; filename="{export.file_name(project, fmt)}"',
+        "X-Export-Tasks": str(counts["tasks"]), "X-Export-Withheld": str(counts["withheld_pixel_check"]),
+        "Cache-Control": "no-store"})
+
+
+class _Project:
+    """What the stream needs of the project, copied before the request's session goes."""
+
+    def __init__(self, id: int, name: str, label_schema: dict):  # noqa: A002 (the column's name)
+        self.id, self.name, self.label_schema = id, name, label_schema
