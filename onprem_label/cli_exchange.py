@@ -46,15 +46,16 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
             except UnknownProject as exc:
                 raise CliError(str(exc)) from None
             moment = utcnow()
-            with read_connection(engine) as conn:
-                counts = export.begin(db, conn, found, fmt, flt, now=moment, actor_name=console_name())
-            db.commit()
             passes = export.FORMATS[fmt][2]
-            with read_connection(engine) as conn, open(partial, "wb") as out, \
-                    click.progressbar(length=counts["tasks"] * passes, label=f"exporting {fmt}",
+            # One snapshot for the count (in the audit event) and the file; the output opened first,
+            # so an unwritable path leaves no event of an export that never happened.
+            with read_connection(engine, snapshot=True) as conn, open(partial, "wb") as out:
+                counts = export.begin(db, conn, found, fmt, flt, now=moment, actor_name=console_name())
+                db.commit()
+                with click.progressbar(length=counts["tasks"] * passes, label=f"exporting {fmt}",
                                       file=sys.stderr) as bar:
-                for chunk in export.chunks(conn, found, fmt, flt, counts, now=moment, progress=bar.update):
-                    out.write(chunk)
+                    for chunk in export.chunks(conn, found, fmt, flt, counts, now=moment, progress=bar.update):
+                        out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, target)

@@ -121,6 +121,7 @@ def test_coco_loads_with_pycocotools_and_matches_the_database(keyed, project, tm
     polygon_ann = next(a for a in anns if a["segmentation"] and a["bbox"] == list(bounds(POLYGON)))
     assert coco.annToMask(polygon_ann).sum() > 0
     assert json.loads(data)["skipped_shapes"] == 1  # the point
+    assert {a["iscrowd"] for a in anns} == {0}  # every shape one object to learn and score
 
 
 def test_yolo_and_voc_files_parse_and_match(keyed, project):
@@ -169,11 +170,33 @@ def test_jsonl_holds_every_revision_and_review(keyed, project):
     assert reworked["revisions"][-1]["shapes"] == [POLYGON]
 
 
+def test_a_date_past_the_calendar_is_a_filter_error_not_a_crash():
+    """until=9999-12-31 names the parameter instead of overflowing."""
+    from onprem_label.exchange.selection import FilterError
+
+    with pytest.raises(FilterError) as caught:
+        parse_filter({"until": "9999-12-31"})
+    assert caught.value.field == "until"
+
+
+def test_consensus_copies_get_their_own_file_names(keyed, project):
+    """Two labelers' copies of one item never share a COCO file name or a zip member."""
+    made, items, db = project
+    db.execute(update(Task).where(Task.item_id == items[0]).values(slot=1))  # as if it were copy 1
+    db.commit()
+    names = {img["file_name"] for img in json.loads(run_export(keyed, made, "coco")[0])["images"]}
+    assert f"item-{items[0]}-copy-1-frame-0000.png" in names
+    members = zipfile.ZipFile(io.BytesIO(run_export(keyed, made, "yolo")[0])).namelist()
+    assert f"labels/item-{items[0]}-copy-1-frame-0000.txt" in members
+
+
 def test_filters_by_state_label_and_date(keyed, project, clock):
     """state, label and since/until narrow what leaves; the withheld item never does."""
     made, items, _ = project
     rows = list(csv.DictReader(io.StringIO(run_export(keyed, made, "csv", label="organ")[0].decode())))
     assert {r["label"] for r in rows if r["type"]} == {"organ"}
+    lines = run_export(keyed, made, "jsonl", label="organ")[0].decode().splitlines()[1:]
+    assert {s["label"] for line in lines for r in json.loads(line)["revisions"] for s in r["shapes"]} == {"organ"}
     waiting = list(csv.DictReader(io.StringIO(run_export(keyed, made, "csv", state="submitted")[0].decode())))
     assert {int(r["item_id"]) for r in waiting} == {items[4]}
     later = (clock() + __import__("datetime").timedelta(days=2)).date().isoformat()

@@ -73,7 +73,7 @@ def yolo(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> I
             for frame, shapes in _by_frame(row).items():
                 lines = [f"{cls} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}"
                          for cls, (x, y, bw, bh) in ((names[s["label"]], b) for s, b in _labelled(shapes, names))]
-                yield f"labels/{frame_name(row.item.id, frame)}.txt", "".join(line + "\n" for line in lines)
+                yield f"labels/{frame_name(row.item.id, frame, row.task.slot)}.txt", "".join(line + "\n" for line in lines)
 
     return _zip(files())
 
@@ -90,11 +90,12 @@ def voc(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> It
     def files():
         for row in rows():
             for frame, shapes in _by_frame(row).items():
-                stem = frame_name(row.item.id, frame)
+                stem = frame_name(row.item.id, frame, row.task.slot)
                 objects = "".join(
                     f"<object><name>{escape(label)}</name><pose>Unspecified</pose><truncated>0</truncated>"
                     f"<difficult>0</difficult><bndbox><xmin>{round(x) + 1}</xmin><ymin>{round(y) + 1}</ymin>"
-                    f"<xmax>{round(x + bw)}</xmax><ymax>{round(y + bh)}</ymax></bndbox></object>"
+                    f"<xmax>{max(round(x) + 1, round(x + bw))}</xmax><ymax>{max(round(y) + 1, round(y + bh))}</ymax>"
+                    f"</bndbox></object>"
                     for label, (x, y, bw, bh) in ((s["label"], b) for s, b in _labelled(shapes, names)))
                 yield (f"Annotations/{stem}.xml",
                        f"<annotation><folder>images</folder><filename>{stem}.png</filename>"

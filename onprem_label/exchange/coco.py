@@ -1,8 +1,8 @@
 """COCO (object detection) export: images per frame, boxes, polygons and RLE masks, streamed as JSON.
 
 Every frame of an exported item is one COCO image (`file_name` item-<id>-frame-<n>.png); boxes
-carry their box as a polygon too, polygons their points, masks their uncompressed RLE (iscrowd 1,
-COCO's convention for RLE). Points and polylines have no COCO detection form: they are counted in
+carry their box as a polygon too, polygons their points, masks their uncompressed RLE (iscrowd 0:
+each is one object, as trainers and COCOeval expect; pycocotools decodes either). Points and polylines have no COCO detection form: they are counted in
 info.skipped_shapes, not exported. Classifications and the task's ids ride along in each image's
 "onprem_label" entry.
 """
@@ -34,7 +34,8 @@ def annotation_of(shape: dict, ann_id: int, image_id: int, category_id: int) -> 
     elif shape["type"] == "polygon":
         segmentation, crowd = [[float(v) for point in shape["points"] for v in point]], 0
     else:
-        segmentation, crowd = {"size": list(shape["rle"]["size"]), "counts": list(shape["rle"]["counts"])}, 1
+        # iscrowd 0: a mask is one object to learn and score (trainers and COCOeval ignore crowds).
+        segmentation, crowd = {"size": list(shape["rle"]["size"]), "counts": list(shape["rle"]["counts"])}, 0
     return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": list(box),
             "area": geometry.area(shape), "segmentation": segmentation, "iscrowd": crowd,
             "onprem_label": {"shape_id": shape.get("id"), "type": shape["type"]}}
@@ -66,7 +67,8 @@ def export(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) ->
         first_image[row.task.id] = image_id + 1
         for frame in range(row.item.frames):
             image_id += 1
-            entry = {"id": image_id, "file_name": frame_name(row.item.id, frame) + ".png", "width": row.item.width,
+            entry = {"id": image_id, "file_name": frame_name(row.item.id, frame, row.task.slot) + ".png",
+                     "width": row.item.width,
                      "height": row.item.height, "onprem_label": {
                          "task_id": row.task.id, "item_id": row.item.id, "frame": frame,
                          "sop_instance_uid": instance_of(row, frame), "study_uid": row.item.study_uid,

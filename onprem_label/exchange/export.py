@@ -1,8 +1,9 @@
 """Exporting a project: the formats, the audit event each export leaves, one path for the CLI and the API.
 
-An export is two steps: `begin` checks the format, counts what the filter takes and records the
-audit event (before a byte is sent, so an export cut off midway still left its event); `chunks`
-then streams the file from a read connection, a page of tasks at a time.
+An export is two steps on one snapshot read connection (so the counts are what streams): `begin`
+checks the format, counts what the filter takes and records the audit event (before a byte is sent,
+so an export cut off midway still left its event); `chunks` then streams the file, a page of tasks
+at a time.
 """
 
 from __future__ import annotations
@@ -63,5 +64,5 @@ def chunks(conn, project, fmt: str, flt: ExportFilter, counts: dict, *, now: dat
             yield row
 
     writer = {"coco": coco.export, "yolo": archives.yolo, "voc": archives.voc, "csv": tabular.csv_export,
-              "jsonl": partial(tabular.jsonl_export, conn=conn)}[fmt]
+              "jsonl": partial(tabular.jsonl_export, conn=conn, labels=flt.labels)}[fmt]
     return writer(rows, schema, info)

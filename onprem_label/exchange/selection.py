@@ -54,7 +54,10 @@ def parse_filter(args: Mapping[str, Any]) -> ExportFilter:
     if bad or not states:
         raise FilterError("state", f"state is one or more of {', '.join(TASK_STATES)}")
     since = _day("since", args["since"]) if args.get("since") else None
-    until = _day("until", args["until"]) + timedelta(days=1) if args.get("until") else None
+    try:
+        until = _day("until", args["until"]) + timedelta(days=1) if args.get("until") else None
+    except OverflowError:
+        raise FilterError("until", "until is a date before the year 9999") from None
     if since and until and until <= since:
         raise FilterError("until", "until is on or after since")
     labels = tuple(s for s in str(args.get("label") or "").split(",") if s)
@@ -106,9 +109,6 @@ def count(conn, project_id: int, flt: ExportFilter) -> dict[str, int]:
             "withheld_pixel_check": conn.execute(base.where(~_released())).scalar_one()}
 
 
-_LAST = select(A.c.task_id, func.max(A.c.revision).label("revision")).group_by(A.c.task_id).subquery()
-
-
 def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE) -> Iterator[ExportRow]:
     """The tasks the filter takes, by task id, a page at a time (memory stays flat), each with its item,
     images and final labels; shapes of other labels dropped when the filter names labels."""
@@ -122,9 +122,11 @@ def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE) -> Itera
         if not tasks:
             return
         ids = [t.id for t in tasks]
+        # The final revision of this page's tasks only (a project-wide GROUP BY per page grows with the table).
+        last = (select(A.c.task_id, func.max(A.c.revision).label("revision")).where(A.c.task_id.in_(ids))
+                .group_by(A.c.task_id).subquery())
         finals = {a.task_id: a for a in conn.execute(
-            select(A).join(_LAST, and_(_LAST.c.task_id == A.c.task_id, _LAST.c.revision == A.c.revision))
-            .where(A.c.task_id.in_(ids)))}
+            select(A).join(last, and_(last.c.task_id == A.c.task_id, last.c.revision == A.c.revision)))}
         images: dict[int, list] = {}
         for image in conn.execute(select(IMAGES.c.item_id, IMAGES.c.position, IMAGES.c.instance_uid, IMAGES.c.frames)
                                   .where(IMAGES.c.item_id.in_([t.item_id for t in tasks]))
@@ -153,9 +155,10 @@ class _Revision:
         return getattr(self._original, name)
 
 
-def frame_name(item_id: int, frame: int) -> str:
-    """The file stem one frame of an item has in every export (and in an images folder beside it)."""
-    return f"item-{item_id}-frame-{frame:04d}"
+def frame_name(item_id: int, frame: int, slot: int = 0) -> str:
+    """The file stem one frame of an item has in every export (and in an images folder beside it);
+    consensus copies after the first carry their copy number, so no two labelers' files collide."""
+    return f"item-{item_id}-frame-{frame:04d}" if not slot else f"item-{item_id}-copy-{slot}-frame-{frame:04d}"
 
 
 def instance_of(row: ExportRow, frame: int) -> str | None:

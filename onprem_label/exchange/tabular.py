@@ -55,7 +55,8 @@ def _stamp(value):
     return value.isoformat() if value is not None else None
 
 
-def jsonl_export(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict, *, conn) -> Iterator[bytes]:
+def jsonl_export(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict, *, conn,
+                 labels: tuple[str, ...] = ()) -> Iterator[bytes]:
     """A first line describing the export, then one line per task: the task, its item (de-identified),
     every revision and every review, oldest first, and which revision is final."""
     yield (json.dumps({"onprem_label_export": 1, **info, "label_schema": schema}) + "\n").encode()
@@ -71,7 +72,8 @@ def jsonl_export(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: di
                      "height": item.height, "frames": item.frames, "study_uid": item.study_uid,
                      "series_uid": item.series_uid, "sop_instance_uids": [i.instance_uid for i in row.images]},
             "revisions": [{"revision": r.revision, "round": r.round, "kind": r.kind, "author_id": r.author_id,
-                           "schema_version": r.schema_version, "shapes": r.shapes,
+                           "schema_version": r.schema_version,
+                           "shapes": [s for s in r.shapes if not labels or s.get("label") in labels],
                            "classifications": r.classifications, "created_at": _stamp(r.created_at)}
                           for r in revisions],
             "reviews": [{"round": r.round, "reviewer_id": r.reviewer_id, "decision": r.decision, "comment": r.comment,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 from flask import Response, request, stream_with_context
 
 from onprem_label.db.engine import read_connection
@@ -29,19 +31,27 @@ def export_project(project_id: int):
     except FilterError as exc:
         raise Invalid(str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
     svc, moment = services(), now()
-    with read_connection(svc.engine) as conn:
+    # One snapshot for the count and the stream: what the audit event says is what leaves.
+    reading = ExitStack()
+    conn = reading.enter_context(read_connection(svc.engine, snapshot=True))
+    try:
         counts = export.begin(dbs, conn, project, fmt, flt, now=moment, actor=user, context=audit_context())
-    dbs.commit()
+        dbs.commit()
+    except BaseException:
+        reading.close()
+        raise
     snapshot = {"id": project.id, "name": project.name, "label_schema": project.label_schema}
 
     def body():
-        with read_connection(svc.engine) as conn:
+        with reading:
             yield from export.chunks(conn, _Project(**snapshot), fmt, flt, counts, now=moment)
 
-    return Response(stream_with_context(body()), mimetype=export.FORMATS[fmt][0], headers={
+    response = Response(stream_with_context(body()), mimetype=export.FORMATS[fmt][0], headers={
         "Content-Disposition": f'attachment; filename="{export.file_name(project, fmt)}"',
         "X-Export-Tasks": str(counts["tasks"]), "X-Export-Withheld": str(counts["withheld_pixel_check"]),
         "Cache-Control": "no-store"})
+    response.call_on_close(reading.close)  # a download never begun still gives its connection back
+    return response
 
 
 class _Project:
