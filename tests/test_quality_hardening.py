@@ -14,7 +14,7 @@ from onprem_label.workflow import consensus, gold, leases, promotion, spotcheck
 from onprem_label.workflow.members import add_member
 from onprem_label.workflow.settings import ProjectSettings
 from quality_helpers import add_items, label_next, make_project, review_next
-from workflow_helpers import SCHEMA as API_SCHEMA, BOX, ingest_items, label_and_submit, lease, team
+from workflow_helpers import SCHEMA as API_SCHEMA, BOX, ingest_items, label_and_accept_all, label_and_submit, lease, team
 
 ANSWER = {"shapes": [{"type": "bbox", "label": "nodule", "frame": 0, "x": 1, "y": 1, "width": 20, "height": 20}],
           "classifications": {"quality": "good"}}
@@ -210,11 +210,7 @@ def test_a_labelers_statement_folds_gold_into_label_work_and_takes_whole_days(ap
         client.put(f"/api/v1/projects/{project}/gold/{item}", headers=manager,
                    json={"reference": {"shapes": [BOX], "classifications": {"quality": "good"}}, "use": "hidden"})
     people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
-    while (got := lease(client, project, people["labeler1"])) is not None:
-        label_and_submit(client, got["task"], people["labeler1"])
-    while (got := lease(client, project, people["reviewer1"], "review")) is not None:
-        client.post(f"/api/v1/tasks/{got['task']['id']}/review", headers=people["reviewer1"],
-                    json={"decision": "accept", "version": got["task"]["version"]})
+    label_and_accept_all(client, project, people["labeler1"], people["reviewer1"])
     managers_view = client.get(f"/api/v1/projects/{project}/pay/statements", headers=manager).get_json()
     theirs = {s["username"]: s for s in managers_view["statements"]}["labeler1"]
     assert theirs["gold_tasks"] > 0
