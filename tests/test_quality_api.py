@@ -14,7 +14,7 @@ from imaging_helpers import bearer_for
 from onprem_label.db.models import AuditEvent
 from onprem_label.db.quality import PayEntry
 from onprem_label.workflow import ledger
-from onprem_label.workflow.accepted import accepted_work
+from onprem_label.exchange import selection
 from workflow_helpers import BOX, SCHEMA, ingest_items, label_and_submit, lease, team
 
 RIGHT = {"shapes": [BOX], "classifications": {"quality": "good"}}
@@ -217,7 +217,7 @@ def test_hidden_gold_looks_like_work_scores_the_labeler_and_stays_out_of_exports
     labeler = figures["labelers"][0]
     assert labeler["gold_accuracy"]["count"] == len(seen["gold"]) and labeler["gold_accuracy"]["value"] == 1.0
     assert figures["project"]["estimated_label_accuracy"]["count"] == len(seen["gold"])
-    exported = {row.item_id for row in accepted_work(db.connection(), project)}
+    exported = {row.item.id for row in selection.rows(db.connection(), project, selection.ExportFilter())}
     db.commit()
     assert exported == set(work_items)
     counts = client.get(f"/api/v1/projects/{project}", headers=manager).get_json()["counts"]

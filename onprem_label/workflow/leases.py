@@ -66,9 +66,7 @@ MY_QUEUES = {
     # my gold checks and test questions not begun, or given back
     "mine new": queue_query(*_MINE, T.c.state == "new", _NOT_WORK, order_by=[T.c.id]),
 }
-_OTHER = T.alias("other")
-# Consensus: nobody labels two copies of one item.
-NOT_MY_ITEM = ~exists().where(_OTHER.c.item_id == T.c.item_id, _OTHER.c.labeler_id == _U)
+_OTHER = taskrows.OTHER_TASK
 
 
 def _shared(*extra) -> dict:
@@ -79,7 +77,8 @@ def _shared(*extra) -> dict:
                                       order_by=[T.c.lease_expires_at, T.c.id])}
 
 
-SHARED_QUEUES, CONSENSUS_QUEUES = _shared(), _shared(NOT_MY_ITEM)
+# Consensus: nobody labels two copies of one item.
+SHARED_QUEUES, CONSENSUS_QUEUES = _shared(), _shared(taskrows.NOT_MY_ITEM)
 LABEL_QUEUES = {**MY_QUEUES, **SHARED_QUEUES}
 OWN_WORK = {name: MY_QUEUES[name] for name in ("rework", "lapsed mine")}
 TEST_QUEUES = {name: queue_query(*_MINE, T.c.state == state, T.c.purpose == "qualification", *extra, order_by=[T.c.id])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from sqlalchemy import bindparam, exists, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from onprem_label.db.models import Project, User
 from onprem_label.db.quality import SkillProfile
 from onprem_label.workflow.settings import project_settings
-from onprem_label.workflow.taskrows import ITEMS, TASKS as T, TaskRow
+from onprem_label.workflow.taskrows import ITEMS, NOT_MY_ITEM, TASKS as T, TaskRow
 
 SKILLS = SkillProfile.__table__
 COUNTERS = ("reviewed", "passed", "gold", "gold_correct", "label_seconds", "label_tasks")
@@ -92,10 +92,6 @@ def fits(rows: dict, kind: str = "modality") -> dict[str, float]:
     return {skill: fit(row, overall) for (k, skill), row in rows.items() if k == kind}
 
 
-_OTHER = T.alias("other")
-_NOT_MY_ITEM = ~exists().where(_OTHER.c.item_id == T.c.item_id, _OTHER.c.labeler_id == bindparam("user_id"))
-
-
 def _window(*extra):
     return (select(T.c.id, ITEMS.c.modality, ITEMS.c.kind).join(ITEMS, ITEMS.c.id == T.c.item_id)
             .where(T.c.project_id == bindparam("project_id"), T.c.state == "new", T.c.purpose == "work", *extra)
@@ -103,7 +99,8 @@ def _window(*extra):
 
 
 # (plain, consensus: never a second copy of an item the person labels)
-_WINDOW = {False: _window(), True: _window(_NOT_MY_ITEM)}
+_WINDOW = {False: _window(), True: _window(NOT_MY_ITEM)}
+TRIES = 2  # best-fitting rows tried before falling back to the plain queue
 _TAKE = (select(T).where(T.c.id == bindparam("task_id"), T.c.state == "new", T.c.purpose == "work")
          .with_for_update(skip_locked=True))
 
@@ -135,8 +132,6 @@ def preferred_new_task(conn, project_id: int, user_id: int, window: int, *, cons
     return None
 
 
-TRIES = 2
-
 
 # A person's modality fits, per process, for PROFILE_TTL seconds: a lease reads no profile rows on most
 # requests. A new verdict (review, gold) makes bump() forget the person's entry in its own process;
@@ -164,16 +159,6 @@ def cached_fits(conn, user_id: int) -> dict[str, float]:
 def _database(conn) -> str:
     """Which database a connection is on (one process may serve tests of many)."""
     return str(conn.engine.url)
-
-
-def profile_json(db: Session, user_id: int) -> list[dict]:
-    """A person's skills with their figures, best fit first."""
-    rows = profile(db.connection(), user_id)
-    scores = {**{("modality", k): v for k, v in fits(rows).items()},
-              **{("class", k): v for k, v in fits(rows, "class").items()}}
-    out = [{"kind": kind, "skill": skill, "fit": round(scores[(kind, skill)], 4),
-            **{c: getattr(row, c) for c in COUNTERS}} for (kind, skill), row in rows.items()]
-    return sorted(out, key=lambda r: (-r["fit"], r["kind"], r["skill"]))
 
 
 def needed_skills(db: Session, project: Project) -> list[tuple[str, str]]:

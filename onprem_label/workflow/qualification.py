@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,7 +17,7 @@ from onprem_label.workflow import gold
 from onprem_label.workflow.errors import Conflict, QualificationRequired
 from onprem_label.workflow.members import require_role
 from onprem_label.workflow.settings import ProjectSettings, project_settings
-from onprem_label.workflow.taskrows import TASKS as T, TaskRow
+from onprem_label.workflow.taskrows import TaskRow
 
 ATTEMPTS = QualificationAttempt.__table__
 _PASSED = (select(ATTEMPTS.c.id).where(ATTEMPTS.c.project_id == bindparam("project_id"),
@@ -171,9 +171,3 @@ def feedback(db: Session, task: TaskRow) -> dict:
     return {"score": check.score, "correct": check.correct, "detail": check.detail,
             "reference": gold.reference_of(db, task.item_id), "attempt": _attempt_json(attempt) if attempt else None}
 
-
-def open_questions(db: Session, project_id: int, user_id: int) -> int:
-    """How many test questions the person still has to answer."""
-    return db.scalar(select(func.count()).select_from(T).where(T.c.project_id == project_id, T.c.labeler_id == user_id,
-                                                               T.c.purpose == "qualification",
-                                                               T.c.state.in_(("new", "labeling"))))

@@ -13,7 +13,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, func, insert, select, update
 
 from onprem_label.db.models import Annotation, Item, ItemImage, Project, ProjectMember, Review, Task, User
 from onprem_label.workflow.errors import StaleVersion
@@ -100,6 +100,11 @@ def write_task(conn: Connection, task: TaskRow, expected_version: int) -> None:
     if result.rowcount != 1:
         now_state, now_version = conn.execute(_STATE_BY_ID, {"task_id": task.id}).one()
         raise StaleVersion("The task changed meanwhile; reload it.", state=now_state, version=now_version)
+
+
+OTHER_TASK = TASKS.alias("other")
+# Consensus: no task on an item the caller already has a copy of (`user_id` bound by the caller).
+NOT_MY_ITEM = ~exists().where(OTHER_TASK.c.item_id == TASKS.c.item_id, OTHER_TASK.c.labeler_id == bindparam("user_id"))
 
 
 def queue_query(*conditions, order_by) -> Any:
