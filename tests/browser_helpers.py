@@ -6,14 +6,11 @@ never downloads a browser. Every browser runs with networking to anywhere but ou
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import pytest
+from debian_packages import ensure_program
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -21,27 +18,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 PASSWORD = "correct horse battery staple"
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def ensure_chromium() -> str:
     """The path of Debian's Chromium, installing the package when it is missing (as root, with apt)."""
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    apt = shutil.which("apt-get")
-    if apt and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = [apt, "install", "-y", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run([apt, "update"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True)
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    message = f"Debian's chromium is not installed at {CHROMIUM} and could not be installed here"
-    if _under_ci():
-        pytest.fail(message + " (CI runs the browser tests)")
-    pytest.skip(message)
+    return ensure_program(CHROMIUM, "chromium")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from browser_helpers import CHROMIUM_ARGS, ensure_chromium
+from debian_packages import under_ci
 from onprem_label.app import create_app
 from onprem_label.auth import passwords
 from onprem_label.config import load_settings
@@ -24,10 +25,6 @@ from onprem_label.storage.keyring import Keyring
 PG_ADMIN_URL = os.environ.get("ONPREM_LABEL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 PASSWORD = "correct horse battery staple"
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 class FakeClock:
@@ -76,7 +73,7 @@ def pg_template():
     except Exception as exc:  # unreachable server
         engine.dispose()
         message = f"PostgreSQL at {PG_ADMIN_URL} unreachable: {exc.__class__.__name__}"
-        if _under_ci():
+        if under_ci():
             pytest.fail(message + " (CI requires PostgreSQL)")
         pytest.skip(message)
     name = f"onprem_tmpl_{os.getpid()}"
