@@ -67,3 +67,47 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
     withheld = counts["withheld_pixel_check"]
     click.echo(f"exported {counts['tasks']} tasks of project {found.id} as {fmt} to {target}"
                + (f"; {withheld} held back until their pixels are checked" if withheld else ""))
+
+
+@click.command("import")
+@click.argument("project")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["coco", "jsonl"]),
+              help="coco (a COCO file with images, categories, annotations) or jsonl (our export, or one "
+                   "item per line with shapes).")
+@click.option("--name", required=True, help="The model or run; the drafts' author is import:<name>.")
+@click.option("--min-score", default=0.0, show_default=True, type=float,
+              help="Leave out COCO predictions scoring below this.")
+@click.pass_context
+def import_command(ctx, project: str, file: str, fmt: str, name: str, min_score: float) -> None:
+    """Attach FILE's predictions to PROJECT's open tasks as drafts that labelers correct (audited)."""
+    from onprem_label.cli import CliError, open_database
+    from onprem_label.exchange.predictions import PredictionError, read
+    from onprem_label.workflow.errors import Invalid
+    from onprem_label.workflow.prelabels import attach, check_name
+    from onprem_label.workflow.projects import UnknownProject, find_project
+
+    try:
+        check_name(name)
+    except Invalid as exc:
+        raise CliError(f"--name: {exc}") from None
+    engine, make_session = open_database(_root(ctx))
+    try:
+        with make_session() as db, open(file, "rb") as stream:
+            try:
+                found = find_project(db, project)
+                predictions, skipped = read(stream, fmt, found.label_schema or {}, min_score=min_score)
+            except UnknownProject as exc:
+                raise CliError(str(exc)) from None
+            except PredictionError as exc:
+                raise CliError(f"{file}: {exc}") from None
+            summary = attach(db, found, predictions, name=name, skipped=skipped, actor_name=console_name(),
+                             now=utcnow())
+    finally:
+        engine.dispose()
+    left = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items()))
+    click.echo(f"imported {summary.shapes} shapes onto {summary.tasks} tasks of project {found.id} as "
+               f"import:{summary.name}" + (f"; left out: {left}" if left else ""))
+    for example in summary.examples:
+        click.echo(f"  {example['where']}: {example['reason']}" + (f" ({example['message']})"
+                                                                     if "message" in example else ""))

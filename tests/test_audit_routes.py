@@ -383,6 +383,10 @@ AUDIT: dict[tuple[str, str], Case | dict[str, Case]] = {
     ("projects.admin", "GET"): Case("manager", path("/projects/{p}/admin"), READ_ONLY),
     ("projects.quality", "GET"): Case("manager", path("/projects/{p}/quality"), READ_ONLY),
     ("api.export_project", "GET"): Case("manager", path("/api/v1/projects/{p}/export?format=jsonl"), (A.EXPORT_PROJECT,)),
+    ("api.import_predictions", "POST"): Case("manager", body("/api/v1/projects/{p}/imports?format=coco&name=m",
+                                                             images=[], annotations=[], categories=[]),
+                                             (A.IMPORT_PREDICTIONS,)),
+    ("api.import_report", "GET"): Case("manager", path("/api/v1/projects/{p}/imports"), READ_ONLY),
     ("work.label", "GET"): Case("labeler", path("/projects/{p}/label"), READ_ONLY),
     ("work.review", "GET"): Case("reviewer", path("/projects/{p}/review"), READ_ONLY),
 }

@@ -122,6 +122,8 @@ MATRIX = {
     ("api.pay_statements", "GET"): row(401, 200, 200, 404, 404, 404),
     ("projects.quality", "GET"): row(LOGIN, 200, 200, 404, 404, 404),
     ("api.export_project", "GET"): row(401, 422, 422, 404, 404, 404),  # no format asked for
+    ("api.import_predictions", "POST"): row(401, 422, 422, 404, 404, 404),  # no name given
+    ("api.import_report", "GET"): row(401, 200, 200, 404, 404, 404),
 }
 
 # What each state-changing request sends (besides a valid CSRF token).
@@ -204,7 +206,8 @@ def url(app, endpoint: str, ids: dict, who: str = "admin") -> str:
                 "api.project_dashboard", "api.next_task", "api.list_tasks", "work.label", "work.review",
                 "projects.admin", "api.list_gold", "api.qualification_status", "api.start_qualification",
                 "api.project_quality", "api.list_proposals", "api.evaluate_people", "api.recommended_people",
-                "api.pay_statements", "projects.quality", "api.export_project")},
+                "api.pay_statements", "projects.quality", "api.export_project", "api.import_predictions",
+                "api.import_report")},
             **{name: {"project_id": ids["project"], "item_id": ids["item"]} for name in (
                 "api.mark_gold", "api.unmark_gold")},
             "api.decide_proposal": {"project_id": ids["project"], "proposal_id": 1},

@@ -64,6 +64,7 @@ class AuditAction(StrEnum):
     TASK_VIEW = "task:view"
     TASK_SPOT_CHECK = "task:spot_check"
     ANNOTATION_SAVE = "annotation:save"
+    ANNOTATION_IMPORT = "annotation:import"  # a model's predictions attached to a task as drafts
 
     ITEM_INGEST = "item:ingest"
     ITEM_DUPLICATE = "item:duplicate"
@@ -73,6 +74,7 @@ class AuditAction(StrEnum):
     ITEM_PIXEL_CHECK_CLEAR = "item:pixel_check_clear"
 
     EXPORT_PROJECT = "export:project"
+    IMPORT_PREDICTIONS = "import:predictions"  # one predictions file read, with its counts
 
     AUDIT_SEARCH = "audit:search"
     AUDIT_EXPORT = "audit:export"

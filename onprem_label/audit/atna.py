@@ -104,6 +104,7 @@ _BY_ACTION = {
     "item:ingest": _IMPORT, "item:duplicate": _IMPORT, "item:reject": _IMPORT,
     "item:pixel_check_clear": _Kind(INSTANCES_ACCESSED, "U"),  # changes the item's release state
     "backup:restore": _IMPORT,
+    "import:predictions": _IMPORT,  # a model's output brought in from outside the server
 }
 # Families, for actions without an entry above (new members of a known family land here).
 _BY_OBJECT = {

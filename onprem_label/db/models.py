@@ -386,6 +386,8 @@ class Annotation(Base):
     round: Mapped[int] = mapped_column(Integer, default=0)
     kind: Mapped[str] = mapped_column(String(16), default="label")
     author_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # Who made a revision no user authored: "import:<name>" for a model's predictions (kind "import").
+    source: Mapped[str | None] = mapped_column(String(80))
     schema_version: Mapped[int] = mapped_column(Integer)
     shapes: Mapped[list[Any]] = mapped_column(JSONType, default=list)
     classifications: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

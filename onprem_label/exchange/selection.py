@@ -128,7 +128,8 @@ def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE) -> Itera
         finals = {a.task_id: a for a in conn.execute(
             select(A).join(last, and_(last.c.task_id == A.c.task_id, last.c.revision == A.c.revision)))}
         images: dict[int, list] = {}
-        for image in conn.execute(select(IMAGES.c.item_id, IMAGES.c.position, IMAGES.c.instance_uid, IMAGES.c.frames)
+        for image in conn.execute(select(IMAGES.c.item_id, IMAGES.c.position, IMAGES.c.instance_uid, IMAGES.c.frames,
+                                         IMAGES.c.source_digest, IMAGES.c.source_page)
                                   .where(IMAGES.c.item_id.in_([t.item_id for t in tasks]))
                                   .order_by(IMAGES.c.item_id, IMAGES.c.position)):
             images.setdefault(image.item_id, []).append(image)

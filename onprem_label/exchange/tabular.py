@@ -70,8 +70,12 @@ def jsonl_export(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: di
                      "accepted_at": _stamp(t.accepted_at), "active_seconds": t.active_seconds},
             "item": {"id": item.id, "kind": item.kind, "modality": item.modality, "width": item.width,
                      "height": item.height, "frames": item.frames, "study_uid": item.study_uid,
-                     "series_uid": item.series_uid, "sop_instance_uids": [i.instance_uid for i in row.images]},
-            "revisions": [{"revision": r.revision, "round": r.round, "kind": r.kind, "author_id": r.author_id,
+                     "series_uid": item.series_uid, "sop_instance_uids": [i.instance_uid for i in row.images],
+                     # Keyed digests of the pictures as they arrived (per install, so the same file
+                     # ingested into another project matches on import; the file is not in them).
+                     "source_digests": [f"{i.source_digest}:{i.source_page}" for i in row.images
+                                        if i.instance_uid is None]},
+            "revisions": [{"revision": r.revision, "round": r.round, "kind": r.kind, "author_id": r.author_id, "source": r.source,
                            "schema_version": r.schema_version,
                            "shapes": [s for s in r.shapes if not labels or s.get("label") in labels],
                            "classifications": r.classifications, "created_at": _stamp(r.created_at)}

@@ -101,7 +101,7 @@ def reject_nul_bytes() -> None:
     sources = [request.args] + ([request.form] if reads_form else [])
     fields = [request.path] + [item for source in sources for key, values in source.lists()
                                for item in (key, *values)]
-    if request.method not in SAFE_METHODS and request.is_json:
+    if reads_form and request.is_json:  # streamed bodies (uploads, imports) are checked by their readers
         fields.append(request.get_json(silent=True))
     if any(_has_nul(field) for field in fields):
         abort(400, description="The request contains a NUL character or invalid Unicode, "

@@ -24,7 +24,7 @@ from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, Mu
 from onprem_label.storage import EncryptedBlobStore, Keyring
 from onprem_label.web.context import services
 
-STREAMED_ENDPOINTS = frozenset({"api.upload_items"})
+STREAMED_ENDPOINTS = frozenset({"api.upload_items", "api.import_predictions"})
 FORM_OVERHEAD = 1 << 20  # part headers and small fields around the files
 MAX_PARTS = 10_000
 _READ = 256 << 10

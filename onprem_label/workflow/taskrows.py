@@ -195,12 +195,12 @@ def revisions_of(conn: Connection, task_id: int, *, limit: int, revision: int | 
     return conn.execute(_REVISIONS, {"task_id": task_id, "limit": limit}).all()
 
 
-def add_annotation(conn: Connection, *, task: TaskRow, author_id: int, kind: str, schema_version: int,
-                   annotation: dict, now: datetime) -> SimpleNamespace:
+def add_annotation(conn: Connection, *, task: TaskRow, author_id: int | None, kind: str, schema_version: int,
+                   annotation: dict, now: datetime, source: str | None = None) -> SimpleNamespace:
     """A new revision (the next number) of the task's labels; the row's values as attributes."""
     revision = (conn.execute(_MAX_REVISION, {"task_id": task.id}).scalar() or 0) + 1
     values = {"task_id": task.id, "revision": revision, "round": task.round, "kind": kind, "author_id": author_id,
-              "schema_version": schema_version, "shapes": annotation.get("shapes", []),
+              "source": source, "schema_version": schema_version, "shapes": annotation.get("shapes", []),
               "classifications": annotation.get("classifications", {}), "created_at": now}
     conn.execute(_ADD_ANNOTATION, values)
     return SimpleNamespace(**values)

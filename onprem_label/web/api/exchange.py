@@ -1,19 +1,20 @@
-"""API: a project's export, streamed (`GET /api/v1/projects/<pid>/export?format=...`)."""
+"""API: a project's export, streamed (`GET /api/v1/projects/<pid>/export?format=...`), and pre-label imports."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 
-from flask import Response, request, stream_with_context
+from flask import Response, jsonify, request, stream_with_context
 
 from onprem_label.db.engine import read_connection
 from onprem_label.exchange import export
+from onprem_label.exchange.predictions import PredictionError, read
 from onprem_label.exchange.selection import FilterError, parse_filter
 from onprem_label.web.api import bp
 from onprem_label.web.api.workflow import _user
 from onprem_label.web.context import audit_context, db, now, services
 from onprem_label.web.login import require
-from onprem_label.workflow import members
+from onprem_label.workflow import members, prelabels
 from onprem_label.workflow.errors import Invalid
 
 
@@ -59,3 +60,30 @@ class _Project:
 
     def __init__(self, id: int, name: str, label_schema: dict):  # noqa: A002 (the column's name)
         self.id, self.name, self.label_schema = id, name, label_schema
+
+
+@bp.post("/projects/<id:project_id>/imports")
+@require()
+def import_predictions(project_id: int):
+    """Managers: a model's predictions (the body: a COCO file or JSON Lines) as drafts on open tasks,
+    `?format=coco|jsonl&name=<model>&min_score=`; the summary of what was attached and left out."""
+    dbs, user = db(), _user()
+    project = members.get_project(dbs, project_id, user, "manager")
+    name = prelabels.check_name(request.args.get("name"))
+    try:
+        predictions, skipped = read(request.stream, request.args.get("format", ""), project.label_schema or {},
+                                    min_score=request.args.get("min_score", 0.0))
+    except PredictionError as exc:
+        raise Invalid(str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
+    summary = prelabels.attach(dbs, project, predictions, name=name, skipped=skipped, actor=user, now=now(),
+                               context=audit_context())
+    return jsonify(summary.to_json())
+
+
+@bp.get("/projects/<id:project_id>/imports")
+@require()
+def import_report(project_id: int):
+    """Managers: of the imported shapes on handed-in tasks, the share labelers kept unchanged (per import)."""
+    dbs, user = db(), _user()
+    members.get_project(dbs, project_id, user, "manager")
+    return jsonify(prelabels.kept_unchanged(dbs.connection(), project_id))

@@ -68,7 +68,7 @@ def annotation_json(row) -> dict | None:
     if row is None:
         return None
     return {"revision": row.revision, "round": row.round, "kind": row.kind, "author_id": row.author_id,
-            "schema_version": row.schema_version, "shapes": row.shapes, "classifications": row.classifications,
+            "source": getattr(row, "source", None), "schema_version": row.schema_version, "shapes": row.shapes, "classifications": row.classifications,
             "created_at": row.created_at.isoformat()}
 
 
