@@ -1,5 +1,6 @@
 // The quality and people page: accuracy beside its target, labelers, reviewers, proposals to confirm,
-// recommended people, gold items and pay statements. Every figure and change goes through the JSON API.
+// recommended people, gold items, pay statements and pre-label imports. Every figure and change goes
+// through the JSON API.
 
 import { api } from "./api.js";
 import { $, el, setStatus } from "./admin-dom.js";
@@ -157,6 +158,14 @@ async function loadPay() {
   }
 }
 
+// What labelers did with a model's drafts (docs/prelabels.md): the share of its shapes kept as they were.
+async function loadImports() {
+  const data = await api("GET", `${base}/imports`);
+  fill("q-imports", Object.entries(data.by_source).map(([source, r]) => el("tr", { "data-source": source },
+    el("th", { scope: "row" }, source), el("td", { class: "num" }, String(r.tasks)),
+    el("td", { class: "num" }, share(r.kept_unchanged)))), "No imported drafts handed in yet.");
+}
+
 $("pay-form").addEventListener("submit", (event) => {
   event.preventDefault();
   loadPay();
@@ -177,7 +186,7 @@ async function start() {
     const q = await api("GET", `${base}/quality`);
     renderProject(q);
     for (const p of [...q.labelers, ...q.reviewers]) names[p.user_id] = p.username;
-    await Promise.all([loadProposals(), loadRecommended(), loadGold(), loadPay()]);
+    await Promise.all([loadProposals(), loadRecommended(), loadGold(), loadPay(), loadImports()]);
     root.dataset.loaded = "true";
   } catch (err) {
     $("load-error").hidden = false;

@@ -188,7 +188,10 @@ async function showTask(task, item, kind, annotation, reviews) {
   viewer.setItem(item);
   $("presets").hidden = !viewer.grey;
   showShapes();
-  setSaveState(mode === "label" ? `Saved (version ${task.version})` : "");
+  // A model's predictions (a pre-label import) open as drafts: say whose they are until the first save.
+  const drafts = mode === "label" && annotation && annotation.kind === "import";
+  setSaveState(drafts ? `Drafts from ${annotation.source}: correct them and save`
+    : mode === "label" ? `Saved (version ${task.version})` : "");
   if (mode === "review") await showComparison(task, reviews);
   startTimers();
   canvas.focus();
