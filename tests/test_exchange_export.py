@@ -19,7 +19,7 @@ from onprem_label.cli import cli
 from onprem_label.db.models import AuditEvent, Item, Task
 from onprem_label.db.engine import read_connection
 from onprem_label.exchange import export
-from onprem_label.exchange.geometry import bounds, rle_pixels
+from onprem_label.exchange.geometry import area, bounds, rle_pixels
 from onprem_label.exchange.selection import ExportFilter, parse_filter
 from onprem_label.storage import init_keyring, open_keyring
 from onprem_label.workflow.members import add_member
@@ -271,3 +271,25 @@ def test_no_export_holds_anything_identifying(app, client, db, make_user, clock)
             archive = zipfile.ZipFile(io.BytesIO(data))
             data = b"".join(archive.read(name) for name in archive.namelist())
         assert find_markers(data, MARKERS) == [], fmt
+
+
+def test_mask_bounds_and_area_from_runs_equal_the_drawn_mask():
+    """Bounds and area read off the runs equal those of the mask drawn pixel by pixel (runs crossing columns too)."""
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        pixels = rng.random((h, w)) < rng.choice([0.02, 0.3, 0.9])
+        flat = pixels.T.reshape(-1)  # column-major, as COCO counts
+        counts, value, run = [], False, 0
+        for p in flat:
+            if p != value:
+                counts.append(run)
+                value, run = not value, 0
+            run += 1
+        counts.append(run)
+        shape = {"type": "mask", "rle": {"size": [h, w], "counts": counts}}
+        rows, cols = np.nonzero(pixels)
+        expected = None if not len(rows) else (float(cols.min()), float(rows.min()), float(cols.max() - cols.min() + 1),
+                                                float(rows.max() - rows.min() + 1))
+        assert bounds(shape) == expected
+        assert area(shape) == float(pixels.sum())

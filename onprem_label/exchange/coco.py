@@ -63,7 +63,7 @@ def export(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) ->
     put('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": ' + json.dumps(cats) + ', "images": [')
     # The images' ids, kept from the first pass: a task accepted between the passes stays out of both.
     first, image_id, first_image = True, 0, {}
-    for row in rows():
+    for row in rows(shapes=False):  # the images pass needs answers, not shapes
         first_image[row.task.id] = image_id + 1
         for frame in range(row.item.frames):
             image_id += 1

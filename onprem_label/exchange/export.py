@@ -57,8 +57,8 @@ def chunks(conn, project, fmt: str, flt: ExportFilter, counts: dict, *, now: dat
     info = {"project_id": project.id, "project": project.name, "format": fmt, "exported_at": now.isoformat(),
             "tasks": counts["tasks"], "withheld_pixel_check": counts["withheld_pixel_check"], "filter": flt.as_dict()}
 
-    def rows():
-        for row in selection.rows(conn, project.id, flt):
+    def rows(**options):
+        for row in selection.rows(conn, project.id, flt, **options):
             if progress is not None:
                 progress(1)
             yield row

@@ -109,9 +109,11 @@ def count(conn, project_id: int, flt: ExportFilter) -> dict[str, int]:
             "withheld_pixel_check": conn.execute(base.where(~_released())).scalar_one()}
 
 
-def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE) -> Iterator[ExportRow]:
+def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE, shapes: bool = True) -> Iterator[ExportRow]:
     """The tasks the filter takes, by task id, a page at a time (memory stays flat), each with its item,
-    images and final labels; shapes of other labels dropped when the filter names labels."""
+    images and final labels; shapes of other labels dropped when the filter names labels, and every
+    shape left unread with `shapes=False` (a pass that writes only images and answers)."""
+    revision_columns = [c for c in A.c if shapes or c.name != "shapes"]
     after = 0
     while True:
         tasks = conn.execute(select(T, ITEMS.c.width, ITEMS.c.height, ITEMS.c.frames, ITEMS.c.modality,
@@ -126,7 +128,8 @@ def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE) -> Itera
         last = (select(A.c.task_id, func.max(A.c.revision).label("revision")).where(A.c.task_id.in_(ids))
                 .group_by(A.c.task_id).subquery())
         finals = {a.task_id: a for a in conn.execute(
-            select(A).join(last, and_(last.c.task_id == A.c.task_id, last.c.revision == A.c.revision)))}
+            select(*revision_columns).join(last, and_(last.c.task_id == A.c.task_id,
+                                                      last.c.revision == A.c.revision)))}
         images: dict[int, list] = {}
         for image in conn.execute(select(IMAGES.c.item_id, IMAGES.c.position, IMAGES.c.instance_uid, IMAGES.c.frames,
                                          IMAGES.c.source_digest, IMAGES.c.source_page)
@@ -137,7 +140,9 @@ def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE) -> Itera
             item = SimpleNamespace(id=t.item_id, width=t.width, height=t.height, frames=t.frames,
                                    modality=t.modality, kind=t.kind, study_uid=t.study_uid, series_uid=t.series_uid)
             row = ExportRow(task=t, item=item, images=images.get(t.item_id, []), annotation=finals.get(t.id))
-            if flt.labels and row.annotation is not None:
+            if not shapes and row.annotation is not None:
+                row.annotation = _Revision(row.annotation, [])
+            elif flt.labels and row.annotation is not None:
                 kept = [s for s in row.annotation.shapes if s.get("label") in flt.labels]
                 row.annotation = _Revision(row.annotation, kept)
             yield row
