@@ -1,0 +1,106 @@
+"""What DICOM SEG and SR exports share: the de-identified source headers, label codes, the zip they fill.
+
+The headers are read from the encrypted store, as ingest de-identified them (UIDs, patient and study
+modules as stored, never the originals, which the server does not keep); pixel data is not read.
+A label class becomes a code of a project-local scheme (designator PRIVATE_SCHEME, the class name as
+code value and meaning): label schemas carry no codes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Callable, Iterator
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+
+from onprem_label import __version__
+from onprem_label.exchange.selection import ExportRow
+from onprem_label.storage import EncryptedBlobStore
+
+PRIVATE_SCHEME = "99ONPREMLABEL"  # "99" opens a private coding scheme designator (PS3.16 8.2)
+MANUFACTURER = "onprem-label"
+# Type 2 attributes of the patient and study modules a SEG or SR must carry (empty is allowed);
+# de-identification removed some of them from the source, so they are written empty, never invented.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "StudyID", "AccessionNumber", "ReferringPhysicianName")
+
+
+class NotDerivable(Exception):
+    """A task whose images cannot be the source of this object (not DICOM, or geometry highdicom refuses)."""
+
+
+def class_code(name: str) -> hd.sr.CodedConcept:
+    """The code of a label class in the project-local scheme."""
+    return hd.sr.CodedConcept(value=name, scheme_designator=PRIVATE_SCHEME, meaning=name[:64])
+
+
+def read_header(store: EncryptedBlobStore, blob_id: str) -> Dataset:
+    """The de-identified header of one stored instance (no pixel data), Type 2 patient and study
+    attributes present (empty where de-identification removed them)."""
+    with store.open(blob_id) as reader:
+        ds = pydicom.dcmread(reader, stop_before_pixels=True)
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def common(sop_instance_uid: str) -> dict:
+    """The keyword arguments every derived object of ours takes (series, instance, equipment)."""
+    return {"series_instance_uid": hd.UID(), "series_number": 1, "sop_instance_uid": sop_instance_uid,
+            "instance_number": 1, "manufacturer": MANUFACTURER}
+
+
+def mark_deidentified(derived: Dataset, source: Dataset) -> Dataset:
+    """Carry the source's de-identification flags onto a derived object (it holds only their values)."""
+    for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+                    "LongitudinalTemporalInformationModified"):
+        if keyword in source:
+            derived[keyword] = source[keyword]
+    return derived
+
+
+def encode(ds: Dataset) -> bytes:
+    """A derived object as a Part 10 file."""
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def locate(row: ExportRow, frame: int) -> tuple[int, int]:
+    """(index of the item's image, frame inside it) of the item's frame `frame`; NotDerivable past the end."""
+    for index, image in enumerate(row.images):
+        if 0 <= frame < image.frames:
+            return index, frame
+        frame -= image.frames
+    raise NotDerivable("a shape's frame is not one of the item's frames")
+
+
+def dicom_files(rows: Callable[[], Iterator[ExportRow]], info: dict, *, store: EncryptedBlobStore, folder: str,
+                build: Callable[[ExportRow, Callable[[int], Dataset]], Dataset | None]) -> Iterator[tuple[str, object]]:
+    """`<folder>/task-<id>.dcm` per task `build` makes an object for (given the task and a reader of its
+    images' headers by index), then info.json: what was written and why the rest was not (no such
+    shapes; not DICOM; source geometry highdicom cannot derive from)."""
+    counts = {"written": 0, "no_shapes": 0, "not_dicom": 0, "unsupported": 0}
+    problems: list[dict] = []
+    for row in rows():
+        try:
+            if row.item.kind != "dicom" or not row.images or any(not i.instance_uid for i in row.images):
+                raise NotDerivable("not_dicom")
+            derived = build(row, lambda index, row=row: read_header(store, row.images[index].blob_id))
+        except NotDerivable as exc:
+            reason = "not_dicom" if str(exc) == "not_dicom" else "unsupported"
+            counts[reason] += 1
+            if reason == "unsupported" and len(problems) < 100:
+                problems.append({"task_id": row.task.id, "item_id": row.item.id, "reason": str(exc)[:200]})
+            continue
+        if derived is None:
+            counts["no_shapes"] += 1
+        else:
+            counts["written"] += 1
+            yield f"{folder}/task-{row.task.id}.dcm", encode(derived)
+    yield "info.json", json.dumps({**info, "software_version": __version__, "coding_scheme": PRIVATE_SCHEME,
+                                   "files": counts, "unsupported": problems}, indent=1) + "\n"
