@@ -35,7 +35,7 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
     from onprem_label.db.engine import read_connection
     from onprem_label.exchange import export
     from onprem_label.exchange.selection import FilterError, parse_filter
-    from onprem_label.storage import open_keyring, open_store
+    from onprem_label.storage import BlobNotFound, IntegrityError, open_keyring, open_store
     from onprem_label.workflow.projects import UnknownProject, find_project
 
     try:
@@ -71,6 +71,10 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, target)
+    except (BlobNotFound, IntegrityError) as exc:
+        # A stored image damaged midway (images=dicom): the file is not left as if whole.
+        raise CliError(f"a stored image could not be read ({type(exc).__name__}); run 'onprem-label doctor "
+                       "--storage'") from None
     except OSError as exc:
         raise CliError(f"cannot write {target}: {exc.strerror}") from None
     finally:

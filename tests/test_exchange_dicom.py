@@ -53,6 +53,18 @@ POLYLINE = {"type": "polyline", "label": "lesion", "frame": 0, "points": [[0.5, 
 POINT = {"type": "point", "label": "lesion", "frame": 0, "x": 7.5, "y": 8.25}
 
 
+def enhanced_ct(study: str) -> bytes:
+    """A 3-frame Legacy Converted Enhanced CT (functional groups, a frame of reference) made by highdicom."""
+    slices = [pydicom.dcmread(io.BytesIO(make_dicom(study=study, series=study + ".4", rows=SIDE, columns=SIDE,
+                                                    z=float(z), number=z + 1, seed=20 + z, **GEOMETRY)))
+              for z in range(3)]
+    image = hd.legacy.LegacyConvertedEnhancedCTImage(slices, series_instance_uid=hd.UID(), series_number=4,
+                                                     sop_instance_uid=hd.UID(), instance_number=1)
+    out = io.BytesIO()
+    image.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def png_bytes() -> bytes:
     """A small RGB picture (not DICOM)."""
     out = io.BytesIO()
@@ -69,8 +81,9 @@ def keyring(settings):
 
 @pytest.fixture
 def dicom_project(app, client, db, make_user, clock):
-    """Accepted work on four items: a 3-slice stack (masks on slices 0 and 2, a box on 1), one instance
-    (box, polygon, polyline, point), a 3-frame instance (box on frame 1, mask on 2) and a PNG (box, mask)."""
+    """Accepted work on five items: a 3-slice stack (masks on slices 0 and 2, a box on 1), one instance
+    (box, polygon, polyline, point), two 3-frame instances, an enhanced CT and a CT without a frame of
+    reference (each: masks on frames 0 and 2, a box on 1), and a PNG (box, mask)."""
     manager = bearer_for(db, make_user("mgr", "manager"), clock)
     project = client.post("/api/v1/projects", headers=manager, json={
         "name": "Seg", "label_schema": SCHEMA, "settings": {"spot_check_rate": 0.0, "stack_series": True}}).get_json()["id"]
@@ -79,6 +92,7 @@ def dicom_project(app, client, db, make_user, clock):
                                       number=z + 1, seed=z, **GEOMETRY)) for z in range(3)]
     files += [("one.dcm", make_dicom(study=study, series=study + ".2", rows=SIDE, columns=SIDE, seed=7)),
               ("multi.dcm", make_dicom(study=study, series=study + ".3", rows=SIDE, columns=SIDE, frames=3, seed=8)),
+              ("enhanced.dcm", enhanced_ct(study)),
               ("picture.png", png_bytes())]
     answer = upload(client, project, files, manager)
     assert answer.status_code in (200, 201, 207), answer.get_json()
@@ -90,10 +104,11 @@ def dicom_project(app, client, db, make_user, clock):
             shapes[item.id] = [mask(0, "organ", slice(2, 5), slice(3, 6)), {**BOX, "frame": 1},
                                mask(2, "lesion", slice(8, 12), slice(0, 3)), mask(2, "organ", slice(0, 2), slice(0, 16))]
         elif item.frames == 3:
-            shapes[item.id] = [{**BOX, "frame": 1}, mask(2, "organ", slice(4, 9), slice(4, 9))]
+            shapes[item.id] = [mask(0, "organ", slice(0, 3), slice(0, 3)), {**BOX, "frame": 1},
+                               mask(2, "organ", slice(4, 9), slice(4, 9))]
         else:
             shapes[item.id] = [BOX, POLYGON, POLYLINE, POINT]
-    assert len(shapes) == 4
+    assert len(shapes) == 5
     db.commit()
     people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
     while (got := lease(client, project, people["labeler1"])) is not None:
@@ -137,22 +152,29 @@ def test_dicom_seg_holds_the_masks_on_the_deidentified_instances(client, db, dic
     info = json.loads(archive.read("info.json"))
     files = [n for n in archive.namelist() if n.endswith(".dcm")]
     # The 3-frame CT instance has no frame of reference, which highdicom requires of a CT source.
-    assert info["files"] == {"written": 1, "no_shapes": 1, "not_dicom": 1, "unsupported": 1}
+    assert info["files"] == {"written": 2, "no_shapes": 1, "not_dicom": 1, "unsupported": 1}
     assert "Frame Of Reference" in info["unsupported"][0]["reason"] and info["coding_scheme"] == PRIVATE_SCHEME
-    assert len(files) == 1
+    assert len(files) == 2
     dcmdump_reads(archive, tmp_path)
     stack = next(i for i in db.scalars(select(Item).where(Item.project_id == project)) if len(i.images) == 3)
     uids = instances(db, stack.id)
-    seen_stack = False
+    seen = set()
     for name in files:
         raw = archive.read(name)
         seg = hd.seg.segread(io.BytesIO(raw))
         plain = pydicom.dcmread(io.BytesIO(raw))
         assert plain.Modality == "SEG" and plain.PatientIdentityRemoved == "YES"
         referenced = [sop for _, _, sop in seg.get_source_image_uids()]
-        if referenced[0] not in uids:
+        if referenced[0] not in uids:  # the enhanced CT: one instance, masks on frames 1 and 3 of it
+            item = db.scalar(select(ItemImage.item_id).where(ItemImage.instance_uid == referenced[0]))
+            assert referenced == instances(db, item) and seg.FrameOfReferenceUID
+            assert [s.SegmentLabel for s in seg.SegmentSequence] == ["organ"]
+            pixels = seg.get_pixels_by_source_frame(referenced[0], source_frame_numbers=[1, 2, 3], segment_numbers=[1])
+            assert np.array_equal(pixels[0, :, :, 0], rle_pixels(shapes[item][0]["rle"])) and not pixels[1].any()
+            assert np.array_equal(pixels[2, :, :, 0], rle_pixels(shapes[item][2]["rle"]))
+            seen.add("enhanced")
             continue
-        seen_stack = True
+        seen.add("stack")
         assert sorted(referenced) == sorted([uids[0], uids[2]])
         assert seg.StudyInstanceUID == stack.study_uid and seg.FrameOfReferenceUID
         assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion", "organ"]
@@ -163,7 +185,7 @@ def test_dicom_seg_holds_the_masks_on_the_deidentified_instances(client, db, dic
         assert np.array_equal(pixels[0, :, :, 1], rle_pixels(stored[0]["rle"])) and not pixels[0, :, :, 0].any()
         assert np.array_equal(pixels[1, :, :, 0], rle_pixels(stored[2]["rle"]))
         assert np.array_equal(pixels[1, :, :, 1], rle_pixels(stored[3]["rle"]))
-    assert seen_stack
+    assert seen == {"stack", "enhanced"}
 
 
 def test_dicom_sr_holds_every_box_point_and_line_on_its_instance(client, db, dicom_project, tmp_path):
@@ -172,7 +194,7 @@ def test_dicom_sr_holds_every_box_point_and_line_on_its_instance(client, db, dic
     project, manager, shapes = dicom_project
     archive = download(client, project, manager, "format=dicom-sr")
     info = json.loads(archive.read("info.json"))
-    assert info["files"] == {"written": 3, "no_shapes": 0, "not_dicom": 1, "unsupported": 0}
+    assert info["files"] == {"written": 4, "no_shapes": 0, "not_dicom": 1, "unsupported": 0}
     dcmdump_reads(archive, tmp_path)
     by_item = {}
     for name in (n for n in archive.namelist() if n.endswith(".dcm")):
@@ -215,12 +237,12 @@ def test_images_ride_along_as_png_or_deidentified_dicom(client, db, dicom_projec
     archive = download(client, project, manager, "format=yolo&images=png")
     labels = {n[len("labels/"):-4] for n in archive.namelist() if n.startswith("labels/")}
     pictures = {n[len("images/"):-4] for n in archive.namelist() if n.endswith(".png")}
-    assert labels == pictures and len(pictures) == 3 + 1 + 3 + 1
+    assert labels == pictures and len(pictures) == 3 + 1 + 3 + 3 + 1
     for name in archive.namelist():
         if name.endswith(".png"):
             with Image.open(io.BytesIO(archive.read(name))) as image:
                 assert image.size == (SIDE, SIDE)
-    assert json.loads(archive.read("images/index.json"))["written"] == 8
+    assert json.loads(archive.read("images/index.json"))["written"] == 11
     coco = download(client, project, manager, "format=coco&images=png")
     names = {i["file_name"] for i in json.loads(coco.read("labels.json"))["images"]}
     assert {"images/" + n for n in names} <= set(coco.namelist())
@@ -237,7 +259,7 @@ def test_images_ride_along_as_png_or_deidentified_dicom(client, db, dicom_projec
                        .order_by(AuditEvent.id)).all()
     assert [(e.details["export"], e.details["what"]) for e in reads][-3:] == [("yolo", "png"), ("coco", "png"),
                                                                              ("csv", "dicom")]
-    assert reads[-1].details["frames"] == {"dicom": 7, "raster": 1} and reads[-1].details["tasks"] == 4
+    assert reads[-1].details["frames"] == {"dicom": 10, "raster": 1} and reads[-1].details["tasks"] == 5
     db.commit()
 
 
@@ -282,7 +304,22 @@ def test_the_cli_writes_dicom_exports_with_images(app, db, dicom_project, settin
                                       "--images", "dicom", "--out", str(out)], env=env)
     assert result.exit_code == 0, result.output
     names = zipfile.ZipFile(out).namelist()
-    assert sum(n.startswith("sr/") for n in names) == 3 and sum(n.startswith("images/") for n in names) == 6
+    assert sum(n.startswith("sr/") for n in names) == 4 and sum(n.startswith("images/") for n in names) == 3 + 1 + 1 + 1 + 1
     bad = CliRunner().invoke(cli, ["--data-dir", str(settings.data_path), "export", "Seg", "--format", "coco",
                                    "--images", "tiff", "--out", str(out)], env=env)
     assert bad.exit_code != 0 and "--images" in bad.output
+
+
+def test_a_missing_stored_image_is_counted_not_a_broken_export(app, client, db, dicom_project):
+    """With one instance's encrypted file gone, SR and image zips still arrive whole: the task is listed as
+    unsupported with the reason, and its frames counted as unreadable."""
+    project, manager, shapes = dicom_project
+    single = next(i for i in shapes if db.get(Item, i).kind == "dicom" and db.get(Item, i).frames == 1)
+    blob = db.scalar(select(ItemImage.blob_id).where(ItemImage.item_id == single))
+    db.commit()
+    app.extensions["onprem_label"].store.path_of(blob).unlink()
+    info = json.loads(download(client, project, manager, "format=dicom-sr").read("info.json"))
+    assert info["files"]["unsupported"] == 1 and "could not be read" in info["unsupported"][0]["reason"]
+    for kind in ("png", "dicom"):
+        index = json.loads(download(client, project, manager, f"format=csv&images={kind}").read("images/index.json"))
+        assert index["unreadable"] == 1, kind

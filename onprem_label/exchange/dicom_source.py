@@ -15,10 +15,11 @@ from typing import Callable, Iterator
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from onprem_label import __version__
 from onprem_label.exchange.selection import ExportRow
-from onprem_label.storage import EncryptedBlobStore
+from onprem_label.storage import BlobNotFound, EncryptedBlobStore, IntegrityError
 
 PRIVATE_SCHEME = "99ONPREMLABEL"  # "99" opens a private coding scheme designator (PS3.16 8.2)
 MANUFACTURER = "onprem-label"
@@ -39,9 +40,13 @@ def class_code(name: str) -> hd.sr.CodedConcept:
 
 def read_header(store: EncryptedBlobStore, blob_id: str) -> Dataset:
     """The de-identified header of one stored instance (no pixel data), Type 2 patient and study
-    attributes present (empty where de-identification removed them)."""
-    with store.open(blob_id) as reader:
-        ds = pydicom.dcmread(reader, stop_before_pixels=True)
+    attributes present (empty where de-identification removed them); NotDerivable if unreadable."""
+    try:
+        with store.open(blob_id) as reader:
+            ds = pydicom.dcmread(reader, stop_before_pixels=True)
+    except (BlobNotFound, IntegrityError, InvalidDicomError, OSError) as exc:
+        # Damage in the store (doctor --storage reports it): this task is left out, the export goes on.
+        raise NotDerivable(f"the stored file could not be read ({type(exc).__name__})") from None
     for keyword in _TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, "")
