@@ -9,7 +9,7 @@ source (for instance several frames without a frame of reference) are counted as
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import highdicom as hd
 import numpy as np
@@ -42,7 +42,8 @@ def segmentation(row: ExportRow, header: Callable[[int], Dataset], classes: list
         index, local = dicom_source.locate(row, int(shape.get("frame", 0)))
         mask = rle_pixels(shape["rle"])
         if mask.shape != pixels.shape[1:3]:
-            raise NotDerivable(f"a mask of {mask.shape[1]}x{mask.shape[0]} on a {row.item.width}x{row.item.height} image")
+            raise NotDerivable(f"a mask of {mask.shape[1]}x{mask.shape[0]} on a "
+                               f"{row.item.width}x{row.item.height} image")
         pixels[planes.index(local if multi else index), :, :, segments.index(shape["label"])] |= mask
     if not pixels.any():
         return None  # only empty masks: nothing to segment
@@ -51,20 +52,11 @@ def segmentation(row: ExportRow, header: Callable[[int], Dataset], classes: list
         segment_number=n, segment_label=name[:64], segmented_property_category=CATEGORY,
         segmented_property_type=class_code(name), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
         for n, name in enumerate(segments, 1)]
-    try:
+    with dicom_source.refusals():  # geometry highdicom cannot derive from, a missing attribute
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions, manufacturer_model_name="onprem-label",
             software_versions=__version__, device_serial_number="0",
             **dicom_source.common(hd.UID()))
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        # highdicom's refusals of a source (geometry it cannot derive from, a missing attribute).
-        raise NotDerivable(f"{type(exc).__name__}: {exc}") from None
     return dicom_source.mark_deidentified(seg, sources[0])
 
-
-def export_files(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict, *, store) -> Iterator[tuple]:
-    """The dicom-seg zip's files: seg/task-<id>.dcm per task with masks, then info.json."""
-    classes = [c["name"] for c in schema.get("classes", [])]
-    return dicom_source.dicom_files(rows, info, store=store, folder="seg",
-                                    build=lambda row, header: segmentation(row, header, classes))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import highdicom as hd
@@ -84,18 +85,28 @@ def locate(row: ExportRow, frame: int) -> tuple[int, int]:
     raise NotDerivable("a shape's frame is not one of the item's frames")
 
 
-def dicom_files(rows: Callable[[], Iterator[ExportRow]], info: dict, *, store: EncryptedBlobStore, folder: str,
-                build: Callable[[ExportRow, Callable[[int], Dataset]], Dataset | None]) -> Iterator[tuple[str, object]]:
-    """`<folder>/task-<id>.dcm` per task `build` makes an object for (given the task and a reader of its
-    images' headers by index), then info.json: what was written and why the rest was not (no such
-    shapes; not DICOM; source geometry highdicom cannot derive from)."""
+@contextmanager
+def refusals():
+    """highdicom's refusals of a source or a shape (its ValueError and kin) as NotDerivable."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise NotDerivable(f"{type(exc).__name__}: {exc}") from None
+
+
+def dicom_files(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict, *, store: EncryptedBlobStore,
+                folder: str, build: Callable[..., Dataset | None]) -> Iterator[tuple[str, object]]:
+    """`<folder>/task-<id>.dcm` per task `build(row, header, classes)` makes an object for (`header(i)`
+    reads the de-identified header of the item's image i; `classes` are the schema's class names), then
+    info.json: what was written and why the rest was not (no such shapes; not DICOM; unsupported)."""
+    classes = [c["name"] for c in schema.get("classes", [])]
     counts = {"written": 0, "no_shapes": 0, "not_dicom": 0, "unsupported": 0}
     problems: list[dict] = []
     for row in rows():
         try:
             if row.item.kind != "dicom" or not row.images or any(not i.instance_uid for i in row.images):
                 raise NotDerivable("not_dicom")
-            derived = build(row, lambda index, row=row: read_header(store, row.images[index].blob_id))
+            derived = build(row, lambda index, row=row: read_header(store, row.images[index].blob_id), classes)
         except NotDerivable as exc:
             reason = "not_dicom" if str(exc) == "not_dicom" else "unsupported"
             counts[reason] += 1

@@ -10,7 +10,7 @@ no staff name is written.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import highdicom as hd
 import numpy as np
@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from onprem_label.exchange import dicom_source
-from onprem_label.exchange.dicom_source import NotDerivable, class_code
+from onprem_label.exchange.dicom_source import class_code
 from onprem_label.exchange.selection import ExportRow
 
 KINDS = ("bbox", "polygon", "polyline", "point")
@@ -40,23 +40,25 @@ def graphic(shape: dict) -> tuple[str, list[list[float]]]:
 
 
 def measurement_report(row: ExportRow, header: Callable[[int], Dataset], classes: list[str]) -> Dataset | None:
-    """The task's SR, or None when it has no box, point or line of a schema class; NotDerivable when it cannot be made."""
+    """The task's SR, or None when it has no box, point or line of a schema class; NotDerivable when it
+    cannot be made."""
     shapes = [s for s in row.shapes if s["type"] in KINDS and s.get("label") in classes]
     if not shapes:
         return None
     sources: dict[int, Dataset] = {}
     groups = []
-    try:
+    with dicom_source.refusals():  # a degenerate shape, a source without the attributes highdicom needs
         for n, shape in enumerate(shapes, 1):
             index, local = dicom_source.locate(row, int(shape.get("frame", 0)))
             if index not in sources:
                 sources[index] = header(index)
             source = sources[index]
             kind, data = graphic(shape)
+            frames = [local + 1] if row.images[index].frames > 1 else None  # numbered from 1
             region = hd.sr.ImageRegion(graphic_type=kind, graphic_data=np.array(data), source_image=(
                 hd.sr.SourceImageForRegion(referenced_sop_class_uid=source.SOPClassUID,
                                            referenced_sop_instance_uid=source.SOPInstanceUID,
-                                           referenced_frame_numbers=[local + 1] if row.images[index].frames > 1 else None)))
+                                           referenced_frame_numbers=frames)))
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=hd.UID(), identifier=f"task {row.task.id} shape {shape.get('id') or n}"[:64]),
@@ -65,18 +67,10 @@ def measurement_report(row: ExportRow, header: Callable[[int], Dataset], classes
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
                 uid=hd.UID(), name=dicom_source.MANUFACTURER))
-        report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-                                         procedure_reported=IMAGING, imaging_measurements=groups)
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=IMAGING, imaging_measurements=groups)
         evidence = list(sources.values())
         sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **dicom_source.common(hd.UID()))
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        # highdicom's refusals (a degenerate shape, a source without the attributes it needs).
-        raise NotDerivable(f"{type(exc).__name__}: {exc}") from None
     return dicom_source.mark_deidentified(sr, evidence[0])
 
-
-def export_files(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict, *, store) -> Iterator[tuple]:
-    """The dicom-sr zip's files: sr/task-<id>.dcm per task with boxes, points or lines, then info.json."""
-    classes = [c["name"] for c in schema.get("classes", [])]
-    return dicom_source.dicom_files(rows, info, store=store, folder="sr",
-                                    build=lambda row, header: measurement_report(row, header, classes))

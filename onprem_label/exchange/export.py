@@ -3,7 +3,8 @@
 An export is two steps on one snapshot read connection (so the counts are what streams): `begin`
 checks the format, counts what the filter takes and records the audit event (before a byte is sent,
 so an export cut off midway still left its event); `chunks` then streams the file, a page of tasks
-at a time.
+at a time. With `with_images` every format becomes a zip whose images/ holds the exported frames (PNG)
+or DICOM files, read in one more pass.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import CONSOLE, AuditContext, record
-from onprem_label.exchange import archives, coco, dicom_seg, dicom_sr, images, selection, tabular
+from onprem_label.exchange import archives, coco, dicom_seg, dicom_source, dicom_sr, images, selection, tabular
 from onprem_label.exchange.selection import ExportFilter, FilterError
 from onprem_label.storage import EncryptedBlobStore
 
@@ -62,7 +63,8 @@ def begin(db: Session, conn, project, fmt: str, flt: ExportFilter, *, now: datet
     if with_images or fmt in DICOM:
         record(db, AuditAction.IMAGE_READ, actor=actor, actor_name=actor_name, object_type="project",
                object_id=project.id, details={"export": fmt, "what": with_images or "dicom header",
-                                              "tasks": counts["tasks"], "frames": selection.frames(conn, project.id, flt)},
+                                              "tasks": counts["tasks"],
+                                              "frames": selection.frames(conn, project.id, flt)},
                context=context, now=now)
     return counts
 
@@ -99,10 +101,10 @@ def chunks(conn, project, fmt: str, flt: ExportFilter, counts: dict, *, now: dat
             yield row
 
     zipped = {"yolo": archives.yolo_files, "voc": archives.voc_files,
-              "dicom-seg": partial(dicom_seg.export_files, store=store),
-              "dicom-sr": partial(dicom_sr.export_files, store=store)}
-    if fmt in zipped and not with_images:
-        return archives.zip_stream(zipped[fmt](rows, schema, info))
+              "dicom-seg": partial(dicom_source.dicom_files, store=store, folder="seg",
+                                   build=dicom_seg.segmentation),
+              "dicom-sr": partial(dicom_source.dicom_files, store=store, folder="sr",
+                                  build=dicom_sr.measurement_report)}
     if fmt in zipped:
         files = zipped[fmt](rows, schema, info)
     else:
@@ -110,6 +112,8 @@ def chunks(conn, project, fmt: str, flt: ExportFilter, counts: dict, *, now: dat
                   "jsonl": partial(tabular.jsonl_export, conn=conn, labels=flt.labels)}[fmt]
         if not with_images:
             return writer(rows, schema, info)
-        # The labels file whole in the zip, streamed into it, under the name it has alone.
+        # The labels file as it is alone, streamed into the zip as labels.<suffix>.
         files = iter([(f"labels.{FORMATS[fmt][1]}", writer(rows, schema, info))])
-    return archives.zip_stream(chain(files, images.image_files(rows, store, with_images)))
+    if with_images:
+        files = chain(files, images.image_files(rows, store, with_images))
+    return archives.zip_stream(files)
