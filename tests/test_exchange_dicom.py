@@ -323,3 +323,33 @@ def test_a_missing_stored_image_is_counted_not_a_broken_export(app, client, db, 
     for kind in ("png", "dicom"):
         index = json.loads(download(client, project, manager, f"format=csv&images={kind}").read("images/index.json"))
         assert index["unreadable"] == 1, kind
+
+
+def test_a_secondary_capture_without_frame_of_reference_gets_its_seg(client, db, make_user, clock, tmp_path):
+    """A single-frame image whose IOD needs no frame of reference (Secondary Capture) is segmented on its
+    pixel matrix: the SEG references it and holds the mask."""
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    manager = bearer_for(db, make_user("pm", "manager"), clock)
+    project = client.post("/api/v1/projects", headers=manager, json={
+        "name": "Capture", "label_schema": SCHEMA, "settings": {"spot_check_rate": 0.0}}).get_json()["id"]
+    capture = make_dicom(rows=SIDE, columns=SIDE, modality="OT", SOPClassUID=SecondaryCaptureImageStorage)
+    item = upload(client, project, [("sc.dcm", capture)], manager).get_json()["results"][0]["item_id"]
+    # A secondary capture may carry burned-in text: ingest holds it until a manager has looked.
+    assert client.post(f"/api/v1/items/{item}/pixel-check", headers=manager).status_code == 200
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
+    drawn = mask(0, "organ", slice(5, 9), slice(1, 15))
+    got = lease(client, project, people["labeler1"])
+    label_and_submit(client, got["task"], people["labeler1"], [drawn])
+    got = lease(client, project, people["reviewer1"], "review")
+    client.post(f"/api/v1/tasks/{got['task']['id']}/review", headers=people["reviewer1"],
+                json={"decision": "accept", "version": got["task"]["version"]})
+    archive = download(client, project, manager, "format=dicom-seg")
+    info = json.loads(archive.read("info.json"))
+    assert info["files"]["written"] == 1, (info["files"], info["unsupported"])
+    dcmdump_reads(archive, tmp_path)
+    seg = hd.seg.segread(io.BytesIO(archive.read(next(n for n in archive.namelist() if n.endswith(".dcm")))))
+    uid = db.scalar(select(ItemImage.instance_uid).join(Item).where(Item.project_id == project))
+    assert [sop for _, _, sop in seg.get_source_image_uids()] == [uid] and "FrameOfReferenceUID" not in seg
+    pixels = seg.get_pixels_by_source_instance([uid], segment_numbers=[1])
+    assert np.array_equal(pixels[0, :, :, 0], rle_pixels(drawn["rle"]))
