@@ -119,6 +119,25 @@ def dicom_project(app, client, db, make_user, clock):
     return project, manager, shapes
 
 
+def one_accepted_item(client, db, make_user, clock, name: str, content: bytes, shapes: list[dict],
+                      schema: dict = SCHEMA) -> tuple[int, dict]:
+    """A project with one uploaded file (its pixel check cleared) labelled with `shapes` and accepted;
+    (project id, the manager's headers)."""
+    manager = bearer_for(db, make_user("pm", "manager"), clock)
+    project = client.post("/api/v1/projects", headers=manager, json={
+        "name": name, "label_schema": schema, "settings": {"spot_check_rate": 0.0}}).get_json()["id"]
+    item = upload(client, project, [(name, content)], manager).get_json()["results"][0]["item_id"]
+    # A secondary capture may carry burned-in text: ingest holds it until a manager has looked.
+    assert client.post(f"/api/v1/items/{item}/pixel-check", headers=manager).status_code == 200
+    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
+    got = lease(client, project, people["labeler1"])
+    label_and_submit(client, got["task"], people["labeler1"], shapes)
+    got = lease(client, project, people["reviewer1"], "review")
+    assert client.post(f"/api/v1/tasks/{got['task']['id']}/review", headers=people["reviewer1"],
+                       json={"decision": "accept", "version": got["task"]["version"]}).status_code == 200
+    return project, manager
+
+
 def download(client, project: int, headers: dict, query: str) -> zipfile.ZipFile:
     """The export as an open zip (asserting a 200)."""
     response = client.get(f"/api/v1/projects/{project}/export?{query}", headers=headers)
@@ -277,16 +296,8 @@ def test_no_dicom_export_or_image_zip_holds_anything_identifying(client, db, dic
 def test_bad_images_value_and_pictures_only_projects_are_answered_not_crashed(client, db, make_user, clock):
     """images=tiff is a 422 naming `images`; a project of pictures asked for dicom-seg gets a zip with
     only info.json saying every task was left out as not DICOM."""
-    manager = bearer_for(db, make_user("pm", "manager"), clock)
-    project = client.post("/api/v1/projects", headers=manager, json={
-        "name": "Pictures", "label_schema": SCHEMA, "settings": {"spot_check_rate": 0.0}}).get_json()["id"]
-    assert upload(client, project, [("a.png", png_bytes())], manager).status_code in (200, 201)
-    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
-    got = lease(client, project, people["labeler1"])
-    label_and_submit(client, got["task"], people["labeler1"], [mask(0, "organ", slice(0, 3), slice(0, 3)), BOX])
-    got = lease(client, project, people["reviewer1"], "review")
-    client.post(f"/api/v1/tasks/{got['task']['id']}/review", headers=people["reviewer1"],
-                json={"decision": "accept", "version": got["task"]["version"]})
+    project, manager = one_accepted_item(client, db, make_user, clock, "a.png", png_bytes(),
+                                         [mask(0, "organ", slice(0, 3), slice(0, 3)), BOX])
     bad = client.get(f"/api/v1/projects/{project}/export?format=coco&images=tiff", headers=manager)
     assert bad.status_code == 422 and bad.get_json()["error"]["errors"][0]["field"] == "images"
     for fmt in export.DICOM:
@@ -330,20 +341,9 @@ def test_a_secondary_capture_without_frame_of_reference_gets_its_seg(client, db,
     pixel matrix: the SEG references it and holds the mask."""
     from pydicom.uid import SecondaryCaptureImageStorage
 
-    manager = bearer_for(db, make_user("pm", "manager"), clock)
-    project = client.post("/api/v1/projects", headers=manager, json={
-        "name": "Capture", "label_schema": SCHEMA, "settings": {"spot_check_rate": 0.0}}).get_json()["id"]
     capture = make_dicom(rows=SIDE, columns=SIDE, modality="OT", SOPClassUID=SecondaryCaptureImageStorage)
-    item = upload(client, project, [("sc.dcm", capture)], manager).get_json()["results"][0]["item_id"]
-    # A secondary capture may carry burned-in text: ingest holds it until a manager has looked.
-    assert client.post(f"/api/v1/items/{item}/pixel-check", headers=manager).status_code == 200
-    people = team(client, db, make_user, clock, manager, project, labelers=1, reviewers=1)
     drawn = mask(0, "organ", slice(5, 9), slice(1, 15))
-    got = lease(client, project, people["labeler1"])
-    label_and_submit(client, got["task"], people["labeler1"], [drawn])
-    got = lease(client, project, people["reviewer1"], "review")
-    client.post(f"/api/v1/tasks/{got['task']['id']}/review", headers=people["reviewer1"],
-                json={"decision": "accept", "version": got["task"]["version"]})
+    project, manager = one_accepted_item(client, db, make_user, clock, "sc.dcm", capture, [drawn])
     archive = download(client, project, manager, "format=dicom-seg")
     info = json.loads(archive.read("info.json"))
     assert info["files"]["written"] == 1, (info["files"], info["unsupported"])
@@ -353,3 +353,27 @@ def test_a_secondary_capture_without_frame_of_reference_gets_its_seg(client, db,
     assert [sop for _, _, sop in seg.get_source_image_uids()] == [uid] and "FrameOfReferenceUID" not in seg
     pixels = seg.get_pixels_by_source_instance([uid], segment_numbers=[1])
     assert np.array_equal(pixels[0, :, :, 0], rle_pixels(drawn["rle"]))
+
+
+def test_class_names_in_any_script_survive_as_utf8_codes(client, db, make_user, clock, tmp_path):
+    """A class name with non-ASCII letters or a backslash is the meaning (UTF-8) of a stable hashed code
+    value; segment labels and findings read back as the name, and dcmdump reads the files."""
+    names = ["Läsion \\ groß", "結節"]
+    schema = {"classes": [{"name": names[0], "color": "#e6194b", "tools": ["mask"]},
+                          {"name": names[1], "color": "#3cb44b", "tools": ["point"]}],
+              "questions": SCHEMA["questions"]}
+    shapes = [mask(0, names[0], slice(1, 4), slice(1, 4)), {**POINT, "label": names[1]}]
+    source = make_dicom(rows=SIDE, columns=SIDE, **GEOMETRY)
+    project, manager = one_accepted_item(client, db, make_user, clock, "one.dcm", source, shapes, schema)
+    seg_zip, sr_zip = (download(client, project, manager, f"format={fmt}") for fmt in export.DICOM)
+    for archive in (seg_zip, sr_zip):
+        dcmdump_reads(archive, tmp_path)
+        assert json.loads(archive.read("info.json"))["files"]["written"] == 1
+    seg = hd.seg.segread(io.BytesIO(seg_zip.read(next(n for n in seg_zip.namelist() if n.endswith(".dcm")))))
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel == "Läsion / groß" and seg.SpecificCharacterSet == "ISO_IR 192"
+    code = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert code.CodeMeaning == "Läsion / groß" and code.CodeValue.startswith("C") and len(code.CodeValue) == 16
+    sr = hd.sr.srread(io.BytesIO(sr_zip.read(next(n for n in sr_zip.namelist() if n.endswith(".dcm")))))
+    finding = sr.content.get_planar_roi_measurement_groups()[0].finding_type
+    assert finding.meaning == "結節" and finding.scheme_designator == PRIVATE_SCHEME

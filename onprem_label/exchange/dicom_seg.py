@@ -48,11 +48,11 @@ def segmentation(row: ExportRow, header: Callable[[int], Dataset], classes: list
     if not pixels.any():
         return None  # only empty masks: nothing to segment
     sources = [header(i) for i in indexes]
-    descriptions = [hd.seg.SegmentDescription(
-        segment_number=n, segment_label=name[:64], segmented_property_category=CATEGORY,
-        segmented_property_type=class_code(name), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-        for n, name in enumerate(segments, 1)]
     with dicom_source.refusals():  # geometry highdicom cannot derive from, a missing attribute
+        descriptions = [hd.seg.SegmentDescription(
+            segment_number=n, segment_label=dicom_source.text(name), segmented_property_category=CATEGORY,
+            segmented_property_type=class_code(name), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+            for n, name in enumerate(segments, 1)]
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions, manufacturer_model_name="onprem-label",

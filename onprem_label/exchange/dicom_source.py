@@ -3,11 +3,12 @@
 The headers are read from the encrypted store, as ingest de-identified them (UIDs, patient and study
 modules as stored, never the originals, which the server does not keep); pixel data is not read.
 A label class becomes a code of a project-local scheme (designator PRIVATE_SCHEME, the class name as
-code value and meaning): label schemas carry no codes.
+meaning and, where it is plain ASCII, as code value): label schemas carry no codes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from contextlib import contextmanager
@@ -35,8 +36,16 @@ class NotDerivable(Exception):
 
 
 def class_code(name: str) -> hd.sr.CodedConcept:
-    """The code of a label class in the project-local scheme."""
-    return hd.sr.CodedConcept(value=name, scheme_designator=PRIVATE_SCHEME, meaning=name[:64])
+    """The code of a label class in the project-local scheme: the name as code value where it is plain
+    ASCII (a code value's VR takes nothing else), else C and 15 hex digits of its SHA-256; the name as meaning."""
+    plain = name.isascii() and name.isprintable() and "\\" not in name and name == name.strip()
+    value = name if plain else "C" + hashlib.sha256(name.encode()).hexdigest()[:15]
+    return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=text(name))
+
+
+def text(value: str, limit: int = 64) -> str:
+    """Free text as one DICOM LO value: a backslash (the value separator) as '/', control characters out."""
+    return "".join(c for c in value.replace("\\", "/") if c.isprintable())[:limit]
 
 
 def read_header(store: EncryptedBlobStore, blob_id: str) -> Dataset:
@@ -61,7 +70,9 @@ def common(sop_instance_uid: str) -> dict:
 
 
 def mark_deidentified(derived: Dataset, source: Dataset) -> Dataset:
-    """Carry the source's de-identification flags onto a derived object (it holds only their values)."""
+    """Carry the source's de-identification flags onto a derived object (it holds only their values);
+    UTF-8 throughout, so class names in any script survive (pydicom re-encodes the copied text)."""
+    derived.SpecificCharacterSet = "ISO_IR 192"
     for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
                     "LongitudinalTemporalInformationModified"):
         if keyword in source:

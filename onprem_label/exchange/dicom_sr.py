@@ -61,7 +61,7 @@ def measurement_report(row: ExportRow, header: Callable[[int], Dataset], classes
                                            referenced_frame_numbers=frames)))
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"task {row.task.id} shape {shape.get('id') or n}"[:64]),
+                    uid=hd.UID(), identifier=dicom_source.text(f"task {row.task.id} shape {shape.get('id') or n}")),
                 referenced_region=region, finding_type=class_code(shape["label"])))
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
