@@ -81,5 +81,6 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
         partial.unlink(missing_ok=True)
         engine.dispose()
     withheld = counts["withheld_pixel_check"]
-    click.echo(f"exported {counts['tasks']} tasks of project {found.id} as {fmt} to {target}"
+    click.echo(f"exported {counts['tasks']} tasks of project {found.id} as {fmt}"
+               + (f" with {with_images} images" if with_images else "") + f" to {target}"
                + (f"; {withheld} held back until their pixels are checked" if withheld else ""))

@@ -58,5 +58,5 @@ def segmentation(row: ExportRow, header: Callable[[int], Dataset], classes: list
             segment_descriptions=descriptions, manufacturer_model_name="onprem-label",
             software_versions=__version__, device_serial_number="0",
             **dicom_source.common(hd.UID()))
-    return dicom_source.mark_deidentified(seg, sources[0])
+    return dicom_source.mark_deidentified(seg, sources[0], segments)
 

@@ -69,10 +69,12 @@ def common(sop_instance_uid: str) -> dict:
             "instance_number": 1, "manufacturer": MANUFACTURER}
 
 
-def mark_deidentified(derived: Dataset, source: Dataset) -> Dataset:
+def mark_deidentified(derived: Dataset, source: Dataset, names: list[str]) -> Dataset:
     """Carry the source's de-identification flags onto a derived object (it holds only their values);
-    UTF-8 throughout, so class names in any script survive (pydicom re-encodes the copied text)."""
-    derived.SpecificCharacterSet = "ISO_IR 192"
+    UTF-8 when a class name in it is not ASCII (pydicom re-encodes the text copied from the source)."""
+    if not all(name.isascii() for name in names):
+        # Only then: plain ASCII files keep the source's character set, which every reader checks.
+        derived.SpecificCharacterSet = "ISO_IR 192"
     for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
                     "LongitudinalTemporalInformationModified"):
         if keyword in source:

@@ -72,5 +72,5 @@ def measurement_report(row: ExportRow, header: Callable[[int], Dataset], classes
             procedure_reported=IMAGING, imaging_measurements=groups)
         evidence = list(sources.values())
         sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **dicom_source.common(hd.UID()))
-    return dicom_source.mark_deidentified(sr, evidence[0])
+    return dicom_source.mark_deidentified(sr, evidence[0], [s["label"] for s in shapes])
 
