@@ -14,22 +14,28 @@ from onprem_label.cli_ingest import _root, console_name
 
 @click.command("export")
 @click.argument("project")
-@click.option("--format", "fmt", required=True, type=click.Choice(["coco", "yolo", "voc", "csv", "jsonl"]),
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["coco", "yolo", "voc", "csv", "jsonl", "dicom-seg", "dicom-sr"]),
               help="coco (JSON), yolo or voc (zip of label files), csv (one row per shape), jsonl (every "
-                   "revision and review).")
+                   "revision and review), dicom-seg (zip of DICOM SEG of masks), dicom-sr (zip of DICOM SR "
+                   "measurement reports of boxes, points and lines).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="The file to write (written beside it first, then renamed: never half a file).")
 @click.option("--state", default="accepted", show_default=True, help="Task states, comma-separated.")
 @click.option("--since", default=None, help="Accepted (or last changed) on or after this date, YYYY-MM-DD.")
 @click.option("--until", default=None, help="... and on or before this date.")
 @click.option("--label", default=None, help="Only shapes of these classes, comma-separated.")
+@click.option("--images", "with_images", default=None, type=click.Choice(["png", "dicom"]),
+              help="Put each exported frame's PNG, or the de-identified DICOM files, in the output (then a zip).")
 @click.pass_context
-def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since, until, label) -> None:
+def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since, until, label,
+                   with_images) -> None:
     """Export PROJECT's labels (audited; items awaiting a pixel check never leave)."""
-    from onprem_label.cli import CliError, open_database
+    from onprem_label.cli import CliError, ask_passphrase, open_database
     from onprem_label.db.engine import read_connection
     from onprem_label.exchange import export
     from onprem_label.exchange.selection import FilterError, parse_filter
+    from onprem_label.storage import BlobNotFound, IntegrityError, open_keyring, open_store
     from onprem_label.workflow.projects import UnknownProject, find_project
 
     try:
@@ -38,7 +44,8 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
         raise CliError(f"--{exc.field}: {exc}") from None
     target = Path(out_path)
     partial = target.with_name(target.name + ".partial")
-    engine, make_session = open_database(_root(ctx))
+    settings = _root(ctx)
+    engine, make_session = open_database(settings)
     try:
         with make_session() as db:
             try:
@@ -46,26 +53,36 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
             except UnknownProject as exc:
                 raise CliError(str(exc)) from None
             moment = utcnow()
-            passes = export.FORMATS[fmt][2]
+            passes = export.passes(fmt, with_images)
+            store = None
+            if with_images or fmt in export.DICOM:  # only these read stored images: the key stays shut otherwise
+                store = open_store(settings, open_keyring(settings, passphrase=ask_passphrase(settings)))
             # One snapshot for the count (in the audit event) and the file; the output opened first,
             # so an unwritable path leaves no event of an export that never happened.
             with read_connection(engine, snapshot=True) as conn, open(partial, "wb") as out:
-                counts = export.begin(db, conn, found, fmt, flt, now=moment, actor_name=console_name())
+                counts = export.begin(db, conn, found, fmt, flt, now=moment, actor_name=console_name(),
+                                      with_images=with_images)
                 db.commit()
                 with click.progressbar(length=counts["tasks"] * passes, label=f"exporting {fmt}",
                                       file=sys.stderr) as bar:
-                    for chunk in export.chunks(conn, found, fmt, flt, counts, now=moment, progress=bar.update):
+                    for chunk in export.chunks(conn, found, fmt, flt, counts, now=moment, progress=bar.update,
+                                               store=store, with_images=with_images):
                         out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, target)
+    except (BlobNotFound, IntegrityError) as exc:
+        # A stored image damaged midway (images=dicom): the file is not left as if whole.
+        raise CliError(f"a stored image could not be read ({type(exc).__name__}); run 'onprem-label doctor "
+                       "--storage'") from None
     except OSError as exc:
         raise CliError(f"cannot write {target}: {exc.strerror}") from None
     finally:
         partial.unlink(missing_ok=True)
         engine.dispose()
     withheld = counts["withheld_pixel_check"]
-    click.echo(f"exported {counts['tasks']} tasks of project {found.id} as {fmt} to {target}"
+    click.echo(f"exported {counts['tasks']} tasks of project {found.id} as {fmt}"
+               + (f" with {with_images} images" if with_images else "") + f" to {target}"
                + (f"; {withheld} held back until their pixels are checked" if withheld else ""))
 
 

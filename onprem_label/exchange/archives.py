@@ -10,7 +10,7 @@ when it has no shape (both formats read a missing file as "no objects", an empty
 from __future__ import annotations
 
 import zipfile
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 from xml.sax.saxutils import escape
 
 from onprem_label.exchange import geometry
@@ -41,11 +41,21 @@ class _Sink:
         return out
 
 
-def _zip(files: Iterator[tuple[str, str]]) -> Iterator[bytes]:
+def zip_stream(files: Iterator[tuple[str, str | bytes | Iterable[bytes]]]) -> Iterator[bytes]:
+    """A zip of (name, content) pairs, streamed as it is written; content is text, bytes, or an iterable
+    of byte chunks (a large file or another export's stream: written through, never held whole)."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, text in files:
-            archive.writestr(name, text)
+        for name, content in files:
+            if isinstance(content, (str, bytes)):
+                archive.writestr(name, content)
+            else:
+                # force_zip64: the size is unknown until the end (an image file may pass 2 GiB).
+                with archive.open(name, "w", force_zip64=True) as entry:
+                    for chunk in content:
+                        entry.write(chunk)
+                        if sink.parts:
+                            yield sink.take()
             if sink.position and sink.parts:
                 yield sink.take()
     yield sink.take()
@@ -60,6 +70,11 @@ def _by_frame(row: ExportRow) -> dict[int, list[dict]]:
 
 def yolo(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[bytes]:
     """The YOLO zip: data.yaml, then labels/<frame>.txt per exported frame."""
+    return zip_stream(yolo_files(rows, schema, info))
+
+
+def yolo_files(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[tuple[str, str]]:
+    """The YOLO zip's files (name, text), in order."""
     classes = [c["name"] for c in schema.get("classes", [])]
     names = {name: n for n, name in enumerate(classes)}
 
@@ -75,7 +90,7 @@ def yolo(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> I
                          for cls, (x, y, bw, bh) in ((names[s["label"]], b) for s, b in _labelled(shapes, names))]
                 yield f"labels/{frame_name(row.item.id, frame, row.task.slot)}.txt", "".join(line + "\n" for line in lines)
 
-    return _zip(files())
+    return files()
 
 
 def _yaml_text(name: str) -> str:
@@ -85,6 +100,11 @@ def _yaml_text(name: str) -> str:
 
 def voc(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[bytes]:
     """The Pascal VOC zip: Annotations/<frame>.xml per exported frame."""
+    return zip_stream(voc_files(rows, schema, info))
+
+
+def voc_files(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[tuple[str, str]]:
+    """The Pascal VOC zip's files (name, text), in order."""
     names = {c["name"]: n for n, c in enumerate(schema.get("classes", []))}
 
     def files():
@@ -103,7 +123,7 @@ def voc(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> It
                        f"<height>{row.item.height}</height><depth>1</depth></size><segmented>0</segmented>"
                        f"{objects}</annotation>\n")
 
-    return _zip(files())
+    return files()
 
 
 def _labelled(shapes: list[dict], names: dict[str, int]):

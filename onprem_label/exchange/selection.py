@@ -109,6 +109,13 @@ def count(conn, project_id: int, flt: ExportFilter) -> dict[str, int]:
             "withheld_pixel_check": conn.execute(base.where(~_released())).scalar_one()}
 
 
+def frames(conn, project_id: int, flt: ExportFilter) -> dict[int, int]:
+    """Frames the filter takes, by item kind ({"dicom": n, "raster": m}): what an export with images reads."""
+    return {kind: int(n or 0) for kind, n in conn.execute(
+        select(ITEMS.c.kind, func.sum(ITEMS.c.frames)).select_from(T).join(ITEMS, ITEMS.c.id == T.c.item_id)
+        .where(*_conditions(project_id, flt), _released()).group_by(ITEMS.c.kind))}
+
+
 def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE, shapes: bool = True) -> Iterator[ExportRow]:
     """The tasks the filter takes, by task id, a page at a time (memory stays flat), each with its item,
     images and final labels; shapes of other labels dropped when the filter names labels, and every
@@ -132,7 +139,7 @@ def rows(conn, project_id: int, flt: ExportFilter, *, page: int = PAGE, shapes: 
                                                       last.c.revision == A.c.revision)))}
         images: dict[int, list] = {}
         for image in conn.execute(select(IMAGES.c.item_id, IMAGES.c.position, IMAGES.c.instance_uid, IMAGES.c.frames,
-                                         IMAGES.c.source_digest, IMAGES.c.source_page)
+                                         IMAGES.c.blob_id, IMAGES.c.meta, IMAGES.c.source_digest, IMAGES.c.source_page)
                                   .where(IMAGES.c.item_id.in_([t.item_id for t in tasks]))
                                   .order_by(IMAGES.c.item_id, IMAGES.c.position)):
             images.setdefault(image.item_id, []).append(image)

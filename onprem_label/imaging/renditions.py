@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import datetime
+from typing import Iterator
 
 import pydicom
 from sqlalchemy.exc import IntegrityError
@@ -48,6 +49,19 @@ def thumbnail_png(db: Session, store: EncryptedBlobStore, item: Item, *, now: da
                    lambda: render.thumbnail_png(_display(store, item, image, local, None), THUMB_SIDE))
 
 
+def image_pngs(store: EncryptedBlobStore, item, image) -> Iterator[bytes]:
+    """PNG of every frame of one stored image at its own window, rendered now and not cached (an export
+    reads through a snapshot that cannot write the cache; the file is opened once, not once per frame);
+    `item` needs `kind`, `image` `blob_id`, `frames` and `meta`."""
+    if item.kind == "raster":
+        yield _render(store, item, image, 0, None)
+        return
+    with store.open(image.blob_id) as reader:
+        ds = pydicom.dcmread(reader)
+    for frame in range(image.frames):
+        yield render.encode_png(_frame_display(ds, frame, None))
+
+
 def _cached(db: Session, store: EncryptedBlobStore, image: ItemImage, frame: int, spec: str,
             now: datetime, make) -> bytes:
     row = db.get(Rendition, (image.blob_id, frame, spec))
@@ -85,11 +99,15 @@ def _display(store: EncryptedBlobStore, item: Item, image: ItemImage, frame: int
         if item.kind == "raster":
             return render.display_raster(reader.read())
         ds = pydicom.dcmread(reader)  # seekable; pydicom reads only what it needs
-        try:
-            return render.display_array(ds, render.decode_frame(ds, frame), window)
-        except RenderError:
-            raise
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - decoders raise anything, Rust panics included
-            raise RenderError(f"frame {frame + 1} cannot be rendered ({type(exc).__name__})") from None
+        return _frame_display(ds, frame, window)
+
+
+def _frame_display(ds, frame: int, window: Window | None):
+    try:
+        return render.display_array(ds, render.decode_frame(ds, frame), window)
+    except RenderError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decoders raise anything, Rust panics included
+        raise RenderError(f"frame {frame + 1} cannot be rendered ({type(exc).__name__})") from None

@@ -21,13 +21,15 @@ from onprem_label.workflow.errors import Invalid
 @bp.get("/projects/<id:project_id>/export")
 @require()
 def export_project(project_id: int):
-    """Managers: the project's labels as `?format=coco|yolo|voc|csv|jsonl`, filtered by `state`
-    (comma-separated, default accepted), `since`, `until` (dates) and `label`; streamed."""
+    """Managers: the project's labels as `?format=coco|yolo|voc|csv|jsonl|dicom-seg|dicom-sr`, filtered by
+    `state` (comma-separated, default accepted), `since`, `until` (dates) and `label`, with `images=png|dicom`
+    beside them in a zip; streamed."""
     dbs, user = db(), _user()
     project = members.get_project(dbs, project_id, user, "manager")
     fmt = request.args.get("format", "")
     try:
         export.check_format(fmt)
+        with_images = export.check_images(request.args.get("images"))
         flt = parse_filter(request.args)
     except FilterError as exc:
         raise Invalid(str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
@@ -36,7 +38,8 @@ def export_project(project_id: int):
     reading = ExitStack()
     conn = reading.enter_context(read_connection(svc.engine, snapshot=True))
     try:
-        counts = export.begin(dbs, conn, project, fmt, flt, now=moment, actor=user, context=audit_context())
+        counts = export.begin(dbs, conn, project, fmt, flt, now=moment, actor=user, context=audit_context(),
+                              with_images=with_images)
         dbs.commit()
     except BaseException:
         reading.close()
@@ -45,10 +48,11 @@ def export_project(project_id: int):
 
     def body():
         with reading:
-            yield from export.chunks(conn, _Project(**snapshot), fmt, flt, counts, now=moment)
+            yield from export.chunks(conn, _Project(**snapshot), fmt, flt, counts, now=moment, store=svc.store,
+                                     with_images=with_images)
 
-    response = Response(stream_with_context(body()), mimetype=export.FORMATS[fmt][0], headers={
-        "Content-Disposition": f'attachment; filename="{export.file_name(project, fmt)}"',
+    response = Response(stream_with_context(body()), mimetype=export.media_type(fmt, with_images), headers={
+        "Content-Disposition": f'attachment; filename="{export.file_name(project, fmt, with_images)}"',
         "X-Export-Tasks": str(counts["tasks"]), "X-Export-Withheld": str(counts["withheld_pixel_check"]),
         "Cache-Control": "no-store"})
     response.call_on_close(reading.close)  # a download never begun still gives its connection back
