@@ -112,8 +112,10 @@ def import_command(ctx, project: str, file: str, fmt: str, name: str, min_score:
     try:
         with make_session() as db, open(file, "rb") as stream:
             try:
+                schema = find_project(db, project).label_schema or {}
+                db.rollback()  # no transaction (on SQLite: the writer lock) while a big file is parsed
+                predictions, skipped = read(stream, fmt, schema, min_score=min_score)
                 found = find_project(db, project)
-                predictions, skipped = read(stream, fmt, found.label_schema or {}, min_score=min_score)
             except UnknownProject as exc:
                 raise CliError(str(exc)) from None
             except PredictionError as exc:

@@ -22,7 +22,7 @@ from onprem_label.exchange.predictions import rle_counts
 from onprem_label.exchange.selection import frame_name
 from onprem_label.imaging.ingest import IngestTarget, ingest_stream
 from onprem_label.storage import init_keyring, open_keyring
-from workflow_helpers import label_and_accept_all, lease, team
+from workflow_helpers import label_and_accept_all, label_and_submit, lease, team
 
 SCHEMA = {"classes": [{"name": "nodule", "color": "#e6194b", "tools": ["bbox", "polygon"]},
                       {"name": "organ", "color": "#3cb44b", "tools": ["mask"]},
@@ -151,15 +151,163 @@ def test_compressed_rle_reads_as_pycocotools_writes_it():
 
 
 def test_tasks_under_way_or_done_never_get_drafts(client, db, site):
-    """A leased task, an accepted one and a re-run of the same file change nothing; each is counted."""
+    """An accepted task, a leased one and a re-run of the same file change nothing; each is counted."""
     items = site["items"]
-    got = lease(client, site["pid"], site["labeler"])  # the first item's task is being labeled now
+    done = lease(client, site["pid"], site["labeler"])
+    label_and_submit(client, done["task"], site["labeler"])
+    reviewed = lease(client, site["pid"], site["reviewer"], "review")
+    assert client.post(f"/api/v1/tasks/{reviewed['task']['id']}/review", headers=site["reviewer"],
+                       json={"decision": "accept", "version": reviewed["task"]["version"]}).status_code == 200
+    got = lease(client, site["pid"], site["labeler"])  # the second item's task is being labeled now
     annotations = [{"id": n + 1, "image_id": n + 1, "category_id": 1, "bbox": [1, 1, 3, 3]} for n in range(5)]
     first = _import(client, site, _coco(items, annotations)).get_json()
-    assert first["tasks"] == 4 and first["skipped"] == {"task_started": 1}
+    assert first["tasks"] == 3 and first["skipped"] == {"task_started": 2}
+    assert [r.kind for r in _revisions(db, done["task"]["item_id"])] == ["label"]
     assert _revisions(db, got["task"]["item_id"]) == []
     again = _import(client, site, _coco(items, annotations)).get_json()
-    assert again["tasks"] == 0 and again["skipped"] == {"task_started": 1, "unchanged": 4}
+    assert again["tasks"] == 0 and again["skipped"] == {"task_started": 2, "unchanged": 3}
+
+
+def test_drafts_handed_in_as_they_are_become_the_labelers_revision(client, db, site):
+    """Submitting the drafts without a save stores them again as the labeler's label revision (what
+    review, consensus and exports read); the import stays the revision before it."""
+    item = site["items"][0]
+    line = {"item": {"id": item}, "shapes": [{"id": "m1", "type": "bbox", "label": "nodule", "frame": 0, "x": 1, "y": 1,
+                                              "width": 4, "height": 4}], "classifications": {"quality": "good"}}
+    assert _import(client, site, json.dumps(line).encode(), fmt="jsonl").get_json()["tasks"] == 1
+    got = lease(client, site["pid"], site["labeler"])
+    submitted = client.post(f"/api/v1/tasks/{got['task']['id']}/submit", headers=site["labeler"],
+                            json={"version": got["task"]["version"]})
+    assert submitted.status_code == 200, submitted.get_json()
+    draft, own = _revisions(db, item)
+    assert (draft.kind, own.kind, own.author_id is not None) == ("import", "label", True)
+    assert (own.shapes, own.classifications) == (draft.shapes, draft.classifications)
+    report = client.get(f"/api/v1/projects/{site['pid']}/imports", headers=site["manager"]).get_json()
+    assert report["kept_unchanged"]["value"] == 1.0
+
+
+def test_gold_items_keep_drafts_for_their_hidden_checks_and_tests_get_none(app, client, db, site, clock):
+    """An item that is gold holds its drafts on the held-back task; a hidden check on it opens with them
+    (so it looks like work), a qualification question without them, and neither sees the reference."""
+    from onprem_label.db.models import Project, User
+    from onprem_label.workflow import gold
+
+    item = site["items"][0]
+    project = db.get(Project, site["pid"])
+    manager = db.scalars(select(User).where(User.username == "boss")).one()
+    reference = {"shapes": [{"type": "bbox", "label": "nodule", "frame": 0, "x": 9, "y": 9, "width": 3, "height": 3}],
+                 "classifications": {"quality": "good"}}
+    gold.mark_gold(db, project, item, reference, use="both", actor=manager, now=clock())
+    db.commit()
+    coco = _coco([item], [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 5, 4]}])
+    assert _import(client, site, coco).get_json()["tasks"] == 1
+    held = db.scalars(select(Task).where(Task.item_id == item, Task.purpose == "held")).one()
+    labeler = db.scalars(select(User).where(User.username == "labeler1")).one()
+    conn = db.connection()
+    check = gold.new_gold_task(conn, project_id=site["pid"], item_id=item, user_id=labeler.id, purpose="gold",
+                               now=clock())
+    question = gold.new_gold_task(conn, project_id=site["pid"], item_id=item, user_id=labeler.id,
+                                  purpose="qualification", now=clock())
+    db.commit()
+    by_task = {t: db.execute(select(Annotation.__table__).where(Annotation.task_id == t)).all()
+               for t in (held.id, check.id, question.id)}
+    db.rollback()
+    assert [r.kind for r in by_task[held.id]] == ["import"] and by_task[question.id] == []
+    assert [(r.kind, r.source, r.author_id) for r in by_task[check.id]] == [("import", "import:detector-v2", None)]
+    assert by_task[check.id][0].shapes == by_task[held.id][0].shapes != reference["shapes"]
+
+
+def test_one_prediction_per_item_and_a_bad_shape_costs_only_itself(client, db, site):
+    """A second JSON Lines line for an item is left out (not a silent replacement); a shape past the edge
+    is dropped and counted while the item's other shapes land."""
+    item = site["items"][0]
+    good = {"id": "ok", "type": "bbox", "label": "nodule", "frame": 0, "x": 1, "y": 1, "width": 4, "height": 4}
+    outside = {**good, "id": "out", "x": SIDE - 1, "width": 9}
+    lines = [{"item": {"id": item}, "shapes": [good, outside]}, {"item": {"id": item}, "shapes": [good]}]
+    summary = _import(client, site, b"\n".join(json.dumps(line).encode() for line in lines), fmt="jsonl").get_json()
+    assert (summary["tasks"], summary["shapes"]) == (1, 1)
+    assert summary["skipped"] == {"invalid_shape": 1, "duplicate_item": 1}
+    assert [s["id"] for s in _revisions(db, item)[0].shapes] == ["ok"]
+
+
+MALFORMED_COCO = [
+    b"[" * 100_000 + b"]" * 100_000,  # nested past the parser's recursion limit
+    json.dumps({"images": [], "annotations": [], "categories": 5}).encode(),
+    json.dumps({"images": [{"id": [1]}], "annotations": [{"image_id": [1]}], "categories": [{"id": [1], "name": 2}]}).encode(),
+    json.dumps({"images": [{"id": 1, "file_name": "item-" + "9" * 5000 + "-frame-0.png"}],
+                "annotations": [], "categories": []}).encode(),
+]
+
+
+@pytest.mark.parametrize("body", MALFORMED_COCO + [b"{}"])
+def test_malformed_coco_files_are_422s(client, db, site, body):
+    """Whatever shape the file takes, the answer is 200 or 422, never a 500, and nothing is attached."""
+    answer = _import(client, site, body)
+    assert answer.status_code in (200, 422), answer.status_code
+    assert all(_revisions(db, item) == [] for item in site["items"])
+
+
+def test_malformed_coco_entries_are_left_out_one_by_one(client, db, site):
+    """Bad ids, scores, polygons, masks and file names skip their own entry; the good box still lands."""
+    items = site["items"]
+    body = json.loads(_coco(items[:1], []))
+    body["images"] += [{"id": [2]}, {"id": 3, "file_name": "item-" + "9" * 40 + "-frame-0.png"}, {"id": 1}]
+    body["annotations"] = [
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3]},
+        {"image_id": [1], "category_id": 1, "bbox": [1, 1, 3, 3]},
+        {"image_id": 1, "category_id": {"a": 1}, "bbox": [1, 1, 3, 3]},
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "score": int("9" * 400)},
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "segmentation": [[1, 1, 5, 1, 5]]},
+        {"image_id": 1, "category_id": 1, "bbox": [10 ** 400, 1, 3, 3]},
+        {"image_id": 1, "category_id": 2, "bbox": [1, 1, 3, 3], "segmentation": {"size": [SIDE, SIDE],
+                                                                               "counts": "o" * 100_000 + "0"}},
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "segmentation": [[[1, 2], [3, 4]]]},
+    ]
+    answer = _import(client, site, json.dumps(body).encode())
+    assert answer.status_code == 200, answer.get_json()
+    summary = answer.get_json()
+    assert (summary["tasks"], summary["shapes"]) == (1, 1)
+    assert summary["skipped"] == {"bad_image": 2, "unknown_image": 2, "unknown_label": 1, "bad_score": 1,
+                                  "bad_segmentation": 3, "no_geometry": 1}
+
+
+@pytest.mark.parametrize("line", [
+    {"item": {"sop_instance_uids": 5}, "shapes": []},
+    {"item": {"id": 1, "source_digests": 3}, "shapes": []},
+    {"item": {"id": 1}, "revisions": 5},
+    {"item": {"id": 1}, "shapes": [{"label": [1], "type": "bbox"}, 7]},
+    {"item": {"id": 1}, "shapes": {"a": 1}},
+    {"item": {"id": 1}, "classifications": [1]},
+])
+def test_malformed_jsonl_lines_are_left_out(client, db, site, line):
+    """A line of wrong types is counted and skipped; the import answers 200."""
+    if "id" in line["item"]:
+        line = {**line, "item": {**line["item"], "id": site["items"][0]}}
+    answer = _import(client, site, json.dumps(line).encode(), fmt="jsonl")
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["tasks"] == 0 and answer.get_json()["skipped"]
+    assert _revisions(db, site["items"][0]) == []
+
+
+def test_an_import_stopped_midway_keeps_its_batches_and_says_so(app, db, site, clock):
+    """A reader failing after the first batch: the committed drafts stay and a failure event says how far it got."""
+    from onprem_label.db.models import Project
+    from onprem_label.exchange.predictions import Prediction
+    from onprem_label.workflow import prelabels
+
+    def predictions():
+        yield Prediction(where="line 1", item_id=site["items"][0], shapes=[
+            {"type": "point", "label": "marker", "frame": 0, "x": 2, "y": 2}])
+        raise OSError("the disk went away")
+
+    with pytest.raises(OSError):
+        prelabels.attach(db, db.get(Project, site["pid"]), predictions(), name="cut", actor_name="test", now=clock(),
+                         batch=1)
+    events = db.execute(select(AuditEvent.action, AuditEvent.outcome).where(
+        AuditEvent.action.in_(("import:predictions", "annotation:import")))).all()
+    db.rollback()
+    assert [tuple(e) for e in events] == [("annotation:import", "success"), ("import:predictions", "failure")]
+    assert [r.source for r in _revisions(db, site["items"][0])] == ["import:cut"]
 
 
 def test_kept_unchanged_share_per_import(client, db, site):
@@ -220,18 +368,20 @@ def test_jsonl_round_trip_into_a_new_project_gives_identical_shapes_and_labels(a
 
 
 def test_bad_imports_are_clear_errors_and_change_nothing(client, db, site, make_user, clock):
-    """Malformed file, unknown format, missing name, bad min_score, a results list: 422 naming the field;
-    a labeler: 403; an oversized body: 413; no task gets a revision."""
+    """Malformed file, unknown format, a bad name, bad min_score, a results list: 422 naming the field;
+    a labeler of the project: 403; no task gets a revision."""
     cases = [(b"{not json", {}, "file"), (b"[]", {}, "file"), (b"{}", {"format": "voc"}, "format"),
-             (b"{}", {"name": ""}, "name"), (b"{}", {"name": "a/b"}, "name"), (b"{}", {"min_score": "x"}, "min_score"),
-             (b"{}", {"min_score": "2"}, "min_score"), (b'{"images": 3, "annotations": []}', {}, "file")]
+             (b"{}", {"name": ""}, "name"), (b"{}", {"name": "a/b"}, "name"), (b"{}", {"name": "model%0A"}, "name"),
+             (b"{}", {"min_score": "x"}, "min_score"),
+             (b"{}", {"min_score": "2"}, "min_score"), (b'{"images": 3, "annotations": []}', {}, "file"),
+             (b'{"images": [], "annotations": []}', {}, "file")]
     for body, args, field in cases:
         answer = _import(client, site, body, **args)
         assert answer.status_code == 422, (body, args, answer.status_code)
         assert answer.get_json()["error"]["errors"][0]["field"] == field
     labeler = client.post(f"/api/v1/projects/{site['pid']}/imports?format=coco&name=x", headers=site["labeler"],
                           data=_coco(site["items"], []))
-    assert labeler.status_code in (403, 404)
+    assert labeler.status_code == 403
     assert all(_revisions(db, item) == [] for item in site["items"])
 
 

@@ -10,15 +10,18 @@ and counted by its reason, so one bad box never loses a whole model run.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
 
-# COCO file names this server writes (exchange.selection.frame_name), with any picture suffix.
-_FRAME_FILE = re.compile(r"^item-(\d+)(?:-copy-(\d+))?-frame-(\d+)(?:\.[A-Za-z0-9]+)?$")
+# COCO file names this server writes (exchange.selection.frame_name), with any picture suffix; digits
+# enough for any id, few enough for int() to stay cheap.
+_FRAME_FILE = re.compile(r"item-(\d{1,18})(?:-copy-(\d{1,4}))?-frame-(\d{1,9})(?:\.[A-Za-z0-9]{1,8})?")
 MAX_SKIP_EXAMPLES = 20
+MAX_RLE_SHIFT = 40  # 8 characters, 40 bits: runs up to 2**35 pixels
 
 
 class PredictionError(ValueError):
@@ -78,6 +81,8 @@ def rle_counts(counts: Any) -> list[int]:
             value |= (c & 0x1F) << shift
             more = bool(c & 0x20)
             at, shift = at + 1, shift + 5
+            if shift > MAX_RLE_SHIFT:  # no run of a frame needs more bits; a longer one is made up
+                raise ValueError("compressed counts hold a number too long for any image")
             if not more and c & 0x10:
                 value |= -1 << shift
         if len(out) > 2:
@@ -86,15 +91,25 @@ def rle_counts(counts: Any) -> list[int]:
     return out
 
 
+def _number(value: Any) -> bool:
+    """A finite JSON number (not a boolean, not a 400-digit integer)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _shape_of(ann: dict, label: str, frame: int, tools: list[str]) -> tuple[list[dict], str | None]:
     """Our shapes for one COCO annotation, in the form the class allows; ([], reason) when none fits."""
     bbox = ann.get("bbox")
     box = None
-    if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox):
+    if isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox):
         box = {"type": "bbox", "x": bbox[0], "y": bbox[1], "width": bbox[2], "height": bbox[3]}
     seg = ann.get("segmentation")
     base = {"label": label, "frame": frame}
-    if isinstance(ann.get("score"), (int, float)):
+    if _number(ann.get("score")):
         base["attributes"] = {"score": float(ann["score"])}
     if isinstance(seg, dict) and "mask" in tools:
         try:
@@ -103,7 +118,9 @@ def _shape_of(ann: dict, label: str, frame: int, tools: list[str]) -> tuple[list
             return [], "bad_segmentation"
         return [{**base, "type": "mask", "rle": rle}], None
     if isinstance(seg, list) and seg and all(isinstance(p, list) for p in seg):
-        polygons = [[[p[i], p[i + 1]] for i in range(0, len(p) - 1, 2)] for p in seg]
+        if any(len(p) % 2 or not all(_number(v) for v in p) for p in seg):
+            return [], "bad_segmentation"
+        polygons = [[[p[i], p[i + 1]] for i in range(0, len(p), 2)] for p in seg]
         if box is not None and "bbox" in tools and len(polygons) == 1 and _is_box(polygons[0], bbox):
             return [{**base, **box}], None  # our own export writes a box as its rectangle too
         if "polygon" in tools:
@@ -118,15 +135,21 @@ def _is_box(points: list, bbox: list) -> bool:
     return len(points) == 4 and {tuple(p) for p in points} == {(x, y), (x + w, y), (x + w, y + h), (x, y + h)}
 
 
-def _frame_of(image: dict) -> tuple[int | None, int]:
-    """(item id, frame) of a COCO image: our own entry first, else the file name we gave it."""
+def _frame_of(image: dict) -> tuple[int | None, int, int]:
+    """(item id, frame, consensus copy) of a COCO image: our own entry first, else the file name we gave it."""
     own = image.get("onprem_label")
     if isinstance(own, dict) and type(own.get("item_id")) is int and type(own.get("frame")) is int:
-        return own["item_id"], own["frame"]
-    match = _FRAME_FILE.match(str(image.get("file_name", "")).rsplit("/", 1)[-1])
+        return own["item_id"], own["frame"], 0
+    name = image.get("file_name")
+    match = _FRAME_FILE.fullmatch(name.rsplit("/", 1)[-1]) if isinstance(name, str) else None
     if match:
-        return int(match.group(1)), int(match.group(3))
-    return None, 0
+        return int(match.group(1)), int(match.group(3)), int(match.group(2) or 0)
+    return None, 0, 0
+
+
+def _key(value: Any) -> bool:
+    """An id a COCO file may use to refer to an entry: a string or an integer (not a list, not true)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def read_coco(stream: IO[bytes], tools: dict[str, list[str]], *, min_score: float = 0.0
@@ -135,39 +158,51 @@ def read_coco(stream: IO[bytes], tools: dict[str, list[str]], *, min_score: floa
     left out: unknown images or labels, scores under `min_score`, shapes the class does not allow."""
     try:
         doc = json.load(stream)
+    except RecursionError:
+        raise PredictionError("file", "JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PredictionError("file", f"not a JSON document: {exc}") from None
     if isinstance(doc, list):
         raise PredictionError("file", "a COCO results list has no images: put it as \"annotations\" into the "
                                       "COCO file exported from this project (its images and categories)")
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "annotations")):
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "annotations",
+                                                                                    "categories")):
         raise PredictionError("file", "a COCO file is an object with lists images, annotations and categories")
     info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
     project_id = info.get("project_id") if type(info.get("project_id")) is int else None
-    names = {c.get("id"): c.get("name") for c in doc.get("categories") or [] if isinstance(c, dict)}
+    names = {c["id"]: c["name"] for c in doc["categories"]
+             if isinstance(c, dict) and _key(c.get("id")) and isinstance(c.get("name"), str)}
     skipped = Skipped()
-    images: dict[Any, tuple[int, int, str | None]] = {}
+    images: dict[Any, tuple[int | None, int, str | None]] = {}
     for number, image in enumerate(doc["images"]):
-        if not isinstance(image, dict):
+        if not isinstance(image, dict) or not _key(image.get("id")) or image["id"] in images:
+            skipped.add("bad_image", f"images[{number}]")
             continue
-        item_id, frame = _frame_of(image)
+        item_id, frame, copy = _frame_of(image)
         own = image.get("onprem_label") if isinstance(image.get("onprem_label"), dict) else {}
         uid = own.get("sop_instance_uid") if isinstance(own.get("sop_instance_uid"), str) else None
+        if copy:
+            # A consensus copy's picture is the same frame again: one set of drafts per item.
+            skipped.add("consensus_copy", f"images[{number}]")
+            continue
         if item_id is None and uid is None:
             skipped.add("unknown_image", f"images[{number}]")
             continue
-        images[image.get("id")] = (item_id, frame, uid)
+        images[image["id"]] = (item_id, frame, uid)
     by_item: dict[Any, Prediction] = {}
     for n, ann in enumerate(doc["annotations"]):
         where = f"annotations[{n}]"  # positions, not the file's ids: those could be any JSON
-        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+        if not isinstance(ann, dict) or not _key(ann.get("image_id")) or ann["image_id"] not in images:
             skipped.add("unknown_image", where)
             continue
         score = ann.get("score")
-        if isinstance(score, (int, float)) and score < min_score:
+        if score is not None and not _number(score):
+            skipped.add("bad_score", where)
+            continue
+        if score is not None and score < min_score:
             skipped.add("low_score", where)
             continue
-        label = names.get(ann.get("category_id"))
+        label = names.get(ann.get("category_id")) if _key(ann.get("category_id")) else None
         if label not in tools:
             skipped.add("unknown_label", where)
             continue
@@ -177,23 +212,44 @@ def read_coco(stream: IO[bytes], tools: dict[str, list[str]], *, min_score: floa
             skipped.add(reason, where)
             continue
         key = item_id if item_id is not None else uid
-        pred = by_item.setdefault(key, Prediction(where=where, item_id=item_id,
-                                                  project_id=project_id))
+        pred = by_item.setdefault(key, Prediction(where=where, item_id=item_id, project_id=project_id))
         if uid is not None:
             pred.frame_instances[frame] = uid
         pred.shapes.extend(shapes)
     return list(by_item.values()), skipped
 
 
-def _final_revision(line: dict) -> dict | None:
-    """The labels a JSON Lines line carries: our export's final revision, or top-level shapes."""
-    if "revisions" in line:
-        final = line.get("final_revision")
-        for revision in line.get("revisions") or []:
-            if isinstance(revision, dict) and revision.get("revision") == final:
-                return revision
+def _strings(value: Any) -> tuple[str, ...] | None:
+    """A list of strings as a tuple (nulls left out: a picture has no SOP Instance UID); None when it is
+    something else."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
         return None
-    return line if "shapes" in line or "classifications" in line else None
+    return tuple(v for v in value if v is not None)
+
+
+def _line_prediction(line: dict, where: str, project_id: int | None) -> Prediction | tuple[str, str]:
+    """One JSON Lines object as a prediction, or (reason, where)."""
+    if isinstance(line.get("revisions"), list):
+        final = line.get("final_revision")
+        labels = next((r for r in line["revisions"] if isinstance(r, dict) and r.get("revision") == final), None)
+    elif "revisions" in line:
+        return "malformed", where
+    else:
+        labels = line if "shapes" in line or "classifications" in line else None
+    if labels is None:
+        return "no_labels", where
+    item = line.get("item") if isinstance(line.get("item"), dict) else {}
+    uids, digests = _strings(item.get("sop_instance_uids")), _strings(item.get("source_digests"))
+    shapes, classifications = labels.get("shapes", []), labels.get("classifications", {})
+    if uids is None or digests is None or not isinstance(shapes, list) or not isinstance(classifications, dict):
+        return "malformed", where
+    item_id = item.get("id") if type(item.get("id")) is int else None
+    if not (uids or digests or item_id is not None):
+        return "unknown_item", where
+    return Prediction(where=where, item_id=item_id, project_id=project_id, instance_uids=uids, digests=digests,
+                      shapes=shapes, classifications=classifications)
 
 
 def read_jsonl(stream: IO[bytes]) -> Iterator[Prediction | tuple[str, str]]:
@@ -206,7 +262,7 @@ def read_jsonl(stream: IO[bytes]) -> Iterator[Prediction | tuple[str, str]]:
             continue
         try:
             line = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             yield "not_json", where
             continue
         if not isinstance(line, dict):
@@ -215,22 +271,7 @@ def read_jsonl(stream: IO[bytes]) -> Iterator[Prediction | tuple[str, str]]:
         if "onprem_label_export" in line:  # our export's first line: where the file came from
             project_id = line.get("project_id") if type(line.get("project_id")) is int else None
             continue
-        labels = _final_revision(line)
-        item = line.get("item") if isinstance(line.get("item"), dict) else {}
-        if labels is None:
-            yield "no_labels", where
-            continue
-        uids = tuple(u for u in item.get("sop_instance_uids") or [] if isinstance(u, str))
-        digests = tuple(d for d in item.get("source_digests") or [] if isinstance(d, str))
-        item_id = item.get("id") if type(item.get("id")) is int else None
-        if not (uids or digests or item_id is not None):
-            yield "unknown_item", where
-            continue
-        shapes = labels.get("shapes") if isinstance(labels.get("shapes"), list) else []
-        classifications = labels.get("classifications") if isinstance(labels.get("classifications"), dict) else {}
-        yield Prediction(where=where, item_id=item_id, project_id=project_id, instance_uids=uids, digests=digests,
-                         shapes=shapes, classifications=classifications)
-
+        yield _line_prediction(line, where, project_id)
 
 
 IMPORT_FORMATS = ("coco", "jsonl")

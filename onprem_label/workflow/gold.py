@@ -126,7 +126,22 @@ def new_gold_task(conn, *, project_id: int, item_id: int, user_id: int, purpose:
               "round": 0, "version": 1, "labeler_id": user_id, "active_seconds": 0, "lease_seconds": 0,
               "created_at": now, "updated_at": now}
     task_id = conn.execute(insert(T).values(values).returning(T.c.id)).scalar_one()
-    return TaskRow.of(conn.execute(select(T).where(T.c.id == task_id)).one())
+    task = TaskRow.of(conn.execute(select(T).where(T.c.id == task_id)).one())
+    if purpose == "gold":
+        # A hidden check must open as work on its item would: with the model's drafts, when the item
+        # had them (the import leaves them on the held-back work task). The reference is never copied.
+        draft = conn.execute(_HELD_DRAFT, {"item_id": item_id}).first()
+        if draft is not None and draft.kind == "import":
+            taskrows.add_annotation(conn, task=task, author_id=None, kind="import", source=draft.source,
+                                    schema_version=draft.schema_version, now=now,
+                                    annotation={"shapes": draft.shapes, "classifications": draft.classifications})
+    return task
+
+
+# The newest revision of an item's held-back work task, if it is a model's drafts.
+_HELD_DRAFT = (select(ANNOTATIONS).join(T, T.c.id == ANNOTATIONS.c.task_id)
+               .where(T.c.item_id == bindparam("item_id"), T.c.purpose == "held")
+               .order_by(ANNOTATIONS.c.revision.desc()).limit(1))
 
 
 _REFERENCE = select(GOLD.c.reference).where(GOLD.c.item_id == bindparam("item_id"))

@@ -104,8 +104,16 @@ def submit_task(db: Session, task: TaskRow, user: User, version: Any, *, now: da
     latest = latest_annotation(db, task.id)
     if latest is None:
         raise Invalid("Save the labels before submitting.", errors=[{"field": "annotation", "message": "none saved"}])
-    _, project = _validated(db, task, {"shapes": latest.shapes, "classifications": latest.classifications},
-                            complete=True)
+    annotation, project = _validated(db, task, {"shapes": latest.shapes, "classifications": latest.classifications},
+                                     complete=True)
+    if latest.kind == "import":
+        # Drafts handed in as they are become the labeler's own revision: what is reviewed, scored,
+        # compared across consensus copies and exported is always someone's labels.
+        latest = taskrows.add_annotation(db.connection(), task=task, author_id=user.id, kind="label",
+                                         schema_version=project.schema_version, annotation=annotation, now=now)
+        record(db, AuditAction.ANNOTATION_SAVE, actor=user, object_type="task", object_id=task.id,
+               details={"project_id": task.project_id, "revision": latest.revision, "shapes": len(latest.shapes),
+                        "version": task.version, "drafts_kept": True}, context=context, now=now)
     settings = project_settings(project)
     seconds = end_lease(db, task, user, "label", "submit", now)
     item = task.item or taskrows.item_size(db.connection(), task.item_id)

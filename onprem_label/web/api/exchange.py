@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from contextlib import ExitStack
 
 from flask import Response, jsonify, request, stream_with_context
@@ -72,15 +74,22 @@ def import_predictions(project_id: int):
     """Managers: a model's predictions (the body: a COCO file or JSON Lines) as drafts on open tasks,
     `?format=coco|jsonl&name=<model>&min_score=`; the summary of what was attached and left out."""
     dbs, user = db(), _user()
-    project = members.get_project(dbs, project_id, user, "manager")
+    schema = members.get_project(dbs, project_id, user, "manager").label_schema or {}
     name = prelabels.check_name(request.args.get("name"))
-    try:
-        predictions, skipped = read(request.stream, request.args.get("format", ""), project.label_schema or {},
-                                    min_score=request.args.get("min_score", 0.0))
-    except PredictionError as exc:
-        raise Invalid(str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
-    summary = prelabels.attach(dbs, project, predictions, name=name, skipped=skipped, actor=user, now=now(),
-                               context=audit_context())
+    # The body is read to a private temporary file with no transaction open: on SQLite the request's
+    # transaction holds the one writer lock, and a slow upload must not stop everyone's saves.
+    dbs.rollback()
+    with tempfile.TemporaryFile() as body:
+        shutil.copyfileobj(request.stream, body, 1 << 20)
+        body.seek(0)
+        try:
+            predictions, skipped = read(body, request.args.get("format", ""), schema,
+                                        min_score=request.args.get("min_score", 0.0))
+        except PredictionError as exc:
+            raise Invalid(str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from None
+        project = members.get_project(dbs, project_id, user, "manager")
+        summary = prelabels.attach(dbs, project, predictions, name=name, skipped=skipped, actor=user, now=now(),
+                                   context=audit_context())
     return jsonify(summary.to_json())
 
 
@@ -90,4 +99,6 @@ def import_report(project_id: int):
     """Managers: of the imported shapes on handed-in tasks, the share labelers kept unchanged (per import)."""
     dbs, user = db(), _user()
     members.get_project(dbs, project_id, user, "manager")
-    return jsonify(prelabels.kept_unchanged(dbs.connection(), project_id))
+    dbs.rollback()
+    with read_connection(services().engine) as conn:  # a report: no writer lock
+        return jsonify(prelabels.kept_unchanged(conn, project_id))
