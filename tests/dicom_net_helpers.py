@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -41,6 +41,7 @@ class Site:
 
     data: Path
     database_url: str
+    overrides: dict = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -52,7 +53,8 @@ class Site:
 
     def settings(self):
         """The site's settings."""
-        return load_settings({"data_dir": str(self.data), "database_url": self.database_url}, env={})
+        return load_settings({"data_dir": str(self.data), "database_url": self.database_url, **self.overrides},
+                             env={})
 
     def query(self, fn: Callable):
         """fn(session) on the site's database (with the audit chain attached)."""
@@ -98,11 +100,11 @@ class Site:
         return found
 
 
-def make_site(tmp_path: Path, database_url: str) -> Site:
+def make_site(tmp_path: Path, database_url: str, **overrides) -> Site:
     """A keyed data directory on `database_url` ('' = SQLite in the data directory, already at head)."""
     data = tmp_path / "data"
     data.mkdir(mode=0o700, exist_ok=True)
-    site = Site(data, database_url)
+    site = Site(data, database_url, overrides)
     init_keyring(site.settings())
     return site
 

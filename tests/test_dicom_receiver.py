@@ -147,6 +147,47 @@ def test_bad_instances_fail_while_the_good_ones_of_the_association_are_stored(si
 
 
 @dcmtk
+def test_instance_over_the_size_limit_is_refused_out_of_resources(tmp_path, database_url):
+    """An instance larger than upload_max_file_bytes gets 0xA700 and is not stored; a small one of the same
+    association is."""
+    site = make_site(tmp_path, database_url, upload_max_file_bytes=64 * 1024)
+    project = site.project("Chest CT", LOOPBACK)
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    (folder / "small.dcm").write_bytes(make_dicom(study=STUDY, seed=1))
+    (folder / "large.dcm").write_bytes(make_dicom(study=STUDY, rows=256, columns=256, seed=2))  # 128 KiB
+    with receiver_running(site) as port:
+        sent = storescu(port, [folder], extra=("-v",))
+        assert wait_for(lambda: len(site.events("dicom:association_end")) == 1)
+    responses = re.findall(r"Received Store Response \((.*)\)", sent.stdout + sent.stderr)
+    assert sorted(responses) == ["Refused: OutOfResources", "Success"], responses
+    assert site.items(project) == 1
+    assert [e.details["code"] for e in site.events("item:reject")] == ["too_large"]
+
+
+@dcmtk
+def test_stop_lets_an_association_in_flight_finish(site, tmp_path):
+    """stop() (what SIGTERM and Ctrl+C do) refuses new callers but lets a running association end and stores it all."""
+    import threading
+
+    project = site.project("Chest CT", LOOPBACK)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for number in range(40):
+        (folder / f"{number}.dcm").write_bytes(make_dicom(study=STUDY, rows=256, columns=256, number=number,
+                                                          seed=number))
+    results = {}
+    with receiver_running(site) as port:
+        sender = threading.Thread(target=lambda: results.update(sent=storescu(port, [folder])))
+        sender.start()
+        assert wait_for(lambda: len(site.events("dicom:association_accept")) == 1)
+        # leaving the block stops the receiver while storescu is still sending
+    sender.join(timeout=120)
+    assert results["sent"].returncode == 0, results["sent"].stdout + results["sent"].stderr
+    assert site.items(project) == 40
+
+
+@dcmtk
 def test_sending_the_same_study_again_adds_nothing(site, tmp_path):
     """Instances already in the project are answered with success and audited as duplicates, as uploads are."""
     project = site.project("Chest CT", LOOPBACK)

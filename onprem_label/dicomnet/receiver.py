@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import AuditContext, record
 from onprem_label.clock import utcnow
+from onprem_label.dicomnet.received import prepare_received, warm_up
 from onprem_label.dicomnet.routing import route_caller
 from onprem_label.dicomnet.spool import Spool, spools_with_leftovers
 from onprem_label.imaging import errors
@@ -81,6 +83,7 @@ class Receiver:
         self.config, self._make_session, self._store = config, make_session, store
         self._keyring, self._options, self._link_key = keyring, options, link_key
         self._pool = WorkerPool(config.workers)
+        self._sealer = ThreadPoolExecutor(4, thread_name_prefix="dicom-spool")  # one per association at a time
         self._routes: dict[int, tuple[int, str, str]] = {}  # id(assoc) -> (project, caller, address)
         self._open: dict[int, _Association] = {}
         self._lock = threading.Lock()
@@ -107,6 +110,8 @@ class Receiver:
                     (evt.EVT_CONN_CLOSE, self._on_end)]
         self._server = self.ae.start_server((self.config.bind, self.config.port), block=False,
                                             evt_handlers=handlers)
+        for _ in range(self._pool.workers):  # spawn the workers now, not during a caller's first C-STORE
+            self._pool.submit(warm_up)
         return self._server.server_address[1]
 
     def stop(self, grace_seconds: float = 30.0) -> None:
@@ -123,6 +128,7 @@ class Receiver:
         for state in list(self._open.values()):
             self._finish(state)
         self._pool.close()
+        self._sealer.shutdown()
 
     def _server_associations(self) -> list:
         return [a for a in self.ae.active_associations if a.is_alive()]
@@ -225,12 +231,13 @@ class Receiver:
             digest = source_digest(io.BytesIO(data), self._options.digest_key, self._options.max_bytes)
         except Rejected as exc:
             return exc, None
-        spooled = state.spool.put(data)
+        # Sealing the copy (encrypt, fsync) and decoding it in a worker overlap: neither waits for the other.
+        sealing = self._sealer.submit(state.spool.put, data)
         try:
-            outcome = self._pool.run(prepare_staged, str(state.spool.root), self._keyring, spooled,
-                                     self._options, digest)
+            outcome = self._pool.run(prepare_received, data, self._options, digest)
         except Rejected as exc:  # it crashed its worker twice
             outcome = exc
+        spooled = sealing.result()
         if isinstance(outcome, Rejected):
             state.spool.discard(spooled)  # answered with a failure: the caller still has it
             return outcome, None
