@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import _common as c
@@ -38,7 +38,6 @@ from ingest_throughput import make_tree
 
 GOAL_RATIO = 0.8
 AE_TITLE = "ONPREMLABEL"
-PG_ADMIN_URL = os.environ.get("ONPREM_LABEL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def dcmtk_env(nagle: bool) -> dict[str, str]:
@@ -222,16 +221,19 @@ def parts(tree: Path, base: Path, count: int, env: dict[str, str], workers: int)
 
 def compare(args, tree: Path, base: Path, env: dict[str, str]) -> None:
     """The alternating runs of storescp and dicom-listen; prints each run, the medians and the verdict."""
-    admin = name = None
-    url = ""
-    if args.backend == "postgresql":
-        from sqlalchemy import create_engine
+    with ExitStack() as stack:
+        url = stack.enter_context(c.postgres_database("onprem_bench_cstore")) if args.backend == "postgresql" else ""
+        ours, done, theirs = _alternate(args, tree, base, env, url)
+    rate, their_rate = args.slices / c.median(ours), args.slices / c.median(theirs)
+    committed_rate = args.slices / c.median(done)
+    ratio = rate / their_rate
+    print(f"{args.backend}: dicom-listen median {rate:.1f} instances/s (until the last commit "
+          f"{committed_rate:.1f}/s), storescp median {their_rate:.1f}/s, over {args.runs} runs of "
+          f"{args.slices} slices: ratio {ratio:.3f} (goal >= {GOAL_RATIO}) {'PASS' if ratio >= GOAL_RATIO else 'FAIL'}")
 
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        name = f"onprem_bench_cstore_{uuid.uuid4().hex[:8]}"
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+def _alternate(args, tree: Path, base: Path, env: dict[str, str], url: str) -> tuple[list, list, list]:
+    """(our storescu seconds, our seconds until committed, storescp's seconds) per run, alternating."""
     listener = Listener(base / "ours", url, args.workers)
     ours, done, theirs = [], [], []
     try:
@@ -251,16 +253,8 @@ def compare(args, tree: Path, base: Path, env: dict[str, str]) -> None:
                 print(f"run {run} {which}: {figure}; machine busy {load.stop():.0%}")
     finally:
         listener.close()
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            admin.dispose()
-    rate, their_rate = args.slices / c.median(ours), args.slices / c.median(theirs)
-    committed_rate = args.slices / c.median(done)
-    ratio = rate / their_rate
-    print(f"{args.backend}: dicom-listen median {rate:.1f} instances/s (until the last commit "
-          f"{committed_rate:.1f}/s), storescp median {their_rate:.1f}/s, over {args.runs} runs of "
-          f"{args.slices} slices: ratio {ratio:.3f} (goal >= {GOAL_RATIO}) {'PASS' if ratio >= GOAL_RATIO else 'FAIL'}")
+    return ours, done, theirs
+
 
 def main() -> int:
     """Make the slices, alternate the two receivers, print medians, the ratio and the verdict."""

@@ -31,6 +31,22 @@ def site(tmp_path, database_url):
     return make_site(tmp_path, database_url)
 
 
+def write_files(folder, files: dict[str, bytes]):
+    """`folder` holding `files` (name -> bytes)."""
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def store_responses(site, folder) -> list[str]:
+    """The C-STORE statuses storescu reports for a folder sent in one association to an in-process receiver."""
+    with receiver_running(site) as port:
+        sent = storescu(port, [folder], extra=("-v",))
+        assert wait_for(lambda: len(site.events("dicom:association_end")) == 1)
+    return re.findall(r"Received Store Response \((.*)\)", sent.stdout + sent.stderr)
+
+
 # --- through the real CLI ---------------------------------------------------------------------
 
 @dcmtk
@@ -123,19 +139,15 @@ def test_bad_instances_fail_while_the_good_ones_of_the_association_are_stored(si
     import pydicom
 
     project = site.project("Chest CT", LOOPBACK)
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    for number in range(3):
-        (folder / f"good{number}.dcm").write_bytes(make_dicom(study=STUDY, number=number, seed=number))
-    (folder / "truncated.dcm").write_bytes(truncated_instance())
     sr = pydicom.dcmread(io.BytesIO(make_dicom(study=STUDY, seed=9)))
     del sr.PixelData
     sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
-    sr.save_as(folder / "report.dcm", enforce_file_format=True)
-    with receiver_running(site) as port:
-        sent = storescu(port, [folder], extra=("-v",))
-        assert wait_for(lambda: len(site.events("dicom:association_end")) == 1)
-    responses = re.findall(r"Received Store Response \((.*)\)", sent.stdout + sent.stderr)
+    report = io.BytesIO()
+    sr.save_as(report, enforce_file_format=True)
+    folder = write_files(tmp_path / "mixed", {"truncated.dcm": truncated_instance(), "report.dcm": report.getvalue(),
+                                              **{f"good{n}.dcm": make_dicom(study=STUDY, number=n, seed=n)
+                                                 for n in range(3)}})
+    responses = store_responses(site, folder)
     expected = ["Error: CannotUnderstand", "Refused: SOPClassNotSupported", *["Success"] * 3]
     assert sorted(responses) == expected, responses
     assert site.items(project) == 3
@@ -152,14 +164,9 @@ def test_instance_over_the_size_limit_is_refused_out_of_resources(tmp_path, data
     association is."""
     site = make_site(tmp_path, database_url, upload_max_file_bytes=64 * 1024)
     project = site.project("Chest CT", LOOPBACK)
-    folder = tmp_path / "sizes"
-    folder.mkdir()
-    (folder / "small.dcm").write_bytes(make_dicom(study=STUDY, seed=1))
-    (folder / "large.dcm").write_bytes(make_dicom(study=STUDY, rows=256, columns=256, seed=2))  # 128 KiB
-    with receiver_running(site) as port:
-        sent = storescu(port, [folder], extra=("-v",))
-        assert wait_for(lambda: len(site.events("dicom:association_end")) == 1)
-    responses = re.findall(r"Received Store Response \((.*)\)", sent.stdout + sent.stderr)
+    folder = write_files(tmp_path / "sizes", {"small.dcm": make_dicom(study=STUDY, seed=1),  # 3 KiB, 128 KiB:
+                                              "large.dcm": make_dicom(study=STUDY, rows=256, columns=256, seed=2)})
+    responses = store_responses(site, folder)
     assert sorted(responses) == ["Refused: OutOfResources", "Success"], responses
     assert site.items(project) == 1
     assert [e.details["code"] for e in site.events("item:reject")] == ["too_large"]
@@ -171,11 +178,8 @@ def test_stop_lets_an_association_in_flight_finish(site, tmp_path):
     import threading
 
     project = site.project("Chest CT", LOOPBACK)
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for number in range(40):
-        (folder / f"{number}.dcm").write_bytes(make_dicom(study=STUDY, rows=256, columns=256, number=number,
-                                                          seed=number))
+    folder = write_files(tmp_path / "many", {f"{n}.dcm": make_dicom(study=STUDY, rows=256, columns=256, number=n,
+                                                                    seed=n) for n in range(40)})
     results = {}
     with receiver_running(site) as port:
         sender = threading.Thread(target=lambda: results.update(sent=storescu(port, [folder])))
