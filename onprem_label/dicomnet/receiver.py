@@ -152,11 +152,12 @@ class Receiver:
                         self._routes[id(assoc)] = (route.project_id, caller, address)
                     return
                 reason, diagnostic = route.refusal, CALLING_AE_NOT_RECOGNIZED
-            assoc.acse.send_reject(REJECT_PERMANENT, BY_SERVICE_USER, diagnostic)
+            # Audited before the answer leaves: the caller may look (or give up) at once.
             record(db, AuditAction.DICOM_ASSOCIATION_REFUSE, actor_name=f"dicom:{caller}", object_type="dicom",
                    outcome="denied", details={"reason": reason, "calling_ae": caller, "called_ae": called},
                    context=AuditContext(client_addr=address), now=utcnow())
             db.commit()
+            assoc.acse.send_reject(REJECT_PERMANENT, BY_SERVICE_USER, diagnostic)
         log.warning("refused association from AE %r at %s (called %r): %s", caller, address, called, reason)
 
     def _on_accepted(self, event) -> None:
@@ -215,7 +216,7 @@ class Receiver:
         if state is None or state.ended:
             return _status(OUT_OF_RESOURCES, "the association is closing")
         try:
-            outcome, spooled = self._receive(state, event.encoded_dataset())
+            outcome, spooled = self._receive(state, event.encoded_dataset(), str(event.context.transfer_syntax))
             state.storer(_Received(spooled), outcome)  # raises when an earlier batch failed
         except Exception:  # noqa: BLE001 - a disk or database fault: refuse, never acknowledge
             log.exception("could not take an instance from AE %r", state.caller)
@@ -225,18 +226,24 @@ class Receiver:
             return _status(STATUS_OF.get(outcome.code, CANNOT_UNDERSTAND), outcome.reason)
         return SUCCESS
 
-    def _receive(self, state: _Association, data: bytes) -> tuple[Prepared | Rejected, str | None]:
-        """(prepared or rejected, spool id): sealed first, so the worker reads it from the spool."""
+    def _receive(self, state: _Association, data: bytes, syntax: str) -> tuple[Prepared | Rejected, str | None]:
+        """(prepared or rejected, spool id); the copy is sealed in the spool while the instance is prepared."""
         try:
             digest = source_digest(io.BytesIO(data), self._options.digest_key, self._options.max_bytes)
         except Rejected as exc:
             return exc, None
         # Sealing the copy (encrypt, fsync) and decoding it in a worker overlap: neither waits for the other.
         sealing = self._sealer.submit(state.spool.put, data)
-        try:
-            outcome = self._pool.run(prepare_received, data, self._options, digest)
-        except Rejected as exc:  # it crashed its worker twice
-            outcome = exc
+        if syntax in NATIVE_SYNTAXES:
+            # Uncompressed pixels need no image decoder (pydicom and numpy only, no C codec that could
+            # abort the process on hostile input), so they are prepared here: a worker would add two
+            # copies of the instance through a pipe to every C-STORE the caller waits for.
+            outcome = prepare_received(data, self._options, digest)
+        else:
+            try:
+                outcome = self._pool.run(prepare_received, data, self._options, digest)
+            except Rejected as exc:  # it crashed its worker twice
+                outcome = exc
         spooled = sealing.result()
         if isinstance(outcome, Rejected):
             state.spool.discard(spooled)  # answered with a failure: the caller still has it
@@ -311,6 +318,9 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+# Implicit and explicit VR little endian, explicit big endian: pixels as they are, nothing to decode
+# (deflated is not among them: inflating is a decoder's work, bombs included).
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 # Every transfer syntax our decoders read (docs/ingest-and-deidentification.md); storescu and PACS
 # propose the one each file has, and a compressed file stays compressed.
 ALL_TRANSFER_SYNTAXES = [
