@@ -158,6 +158,7 @@ class Receiver:
                    context=AuditContext(client_addr=address), now=utcnow())
             db.commit()
             assoc.acse.send_reject(REJECT_PERMANENT, BY_SERVICE_USER, diagnostic)
+            assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom's own refusals do
         log.warning("refused association from AE %r at %s (called %r): %s", caller, address, called, reason)
 
     def _on_accepted(self, event) -> None:
