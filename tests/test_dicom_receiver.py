@@ -216,6 +216,31 @@ def test_stack_series_project_gets_one_item_per_series(site, tmp_path):
     assert len(site.images(project)) == study["files"]
 
 
+@dcmtk
+def test_two_callers_at_once_each_land_in_their_own_project(site, tmp_path):
+    """Two associations at the same time, from two listed callers, fill their two projects and nothing else."""
+    import threading
+
+    chest = site.project("Chest CT", LOOPBACK)
+    head = site.project("Head CT", [{"ae_title": "MODALITY2", "address": "127.0.0.0/8"}])
+    folders = {caller: write_files(tmp_path / caller, {
+        f"{n}.dcm": make_dicom(study=f"{STUDY}.{k}", rows=128, columns=128, number=n, seed=100 * k + n)
+        for n in range(12)}) for k, caller in enumerate((CALLER, "MODALITY2"))}
+    results = {}
+    with receiver_running(site, workers=2) as port:
+        senders = [threading.Thread(target=lambda c=caller: results.update({c: storescu(port, [folders[c]], calling=c)}))
+                   for caller in folders]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=120)
+        assert wait_for(lambda: len(site.events("dicom:association_end")) == 2)
+    assert all(result.returncode == 0 for result in results.values()), results
+    assert (site.items(chest), site.items(head)) == (12, 12)
+    routed = {e.details["calling_ae"]: e.object_id for e in site.events("dicom:association_accept")}
+    assert routed == {CALLER: str(chest), "MODALITY2": str(head)}
+
+
 def test_instances_left_in_the_spool_are_stored_at_the_next_start(site):
     """What a crash left in the spool (answered with success, never committed) is ingested by recover_spool."""
     project = site.project("Chest CT", LOOPBACK)
