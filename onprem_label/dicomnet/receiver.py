@@ -43,6 +43,7 @@ STATUS_OF = {errors.TOO_LARGE: OUT_OF_RESOURCES, errors.TOO_MANY_PIXELS: OUT_OF_
 REJECT_PERMANENT, BY_SERVICE_USER = 0x01, 0x01
 CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
 WRONG_CALLED_AE = "wrong_called_ae"
+MAX_PDU = 1 << 20
 BATCH_FILES = 64  # instances per transaction; a 500-slice series is 8 commits, not 500
 
 
@@ -95,7 +96,9 @@ class Receiver:
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.require_called_aet = False  # checked in _on_requested, so the refusal is audited too
-        ae.maximum_pdu_size = 0  # no limit on the PDUs a caller sends us: fewer, larger reads
+        # Larger PDUs than the 16 KiB default mean fewer reads in pynetdicom's Python loop; 1 MiB is
+        # more than senders use (dcmtk sends at most 128 KiB) and bounds what one PDU may ask us to hold.
+        ae.maximum_pdu_size = MAX_PDU
         ae.maximum_associations = 16
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
