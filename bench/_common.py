@@ -12,9 +12,12 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 LOOPBACK = "127.0.0.1"
+PG_ADMIN_URL = os.environ.get("ONPREM_LABEL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def machine_summary() -> str:
@@ -234,3 +237,22 @@ def site_sessionmaker(data_dir: Path, engine):
     maker = make_sessionmaker(engine)
     attach(maker, chain_for(settings, open_keyring(settings)))
     return maker
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A new empty PostgreSQL database (its URL) on the test server, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

@@ -15,18 +15,16 @@ Usage: .venv/bin/python bench/quality_figures.py [--backend sqlite|postgresql] [
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
-import uuid
+from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import _common as c
 
 GOAL_S = 2.0
-PG_ADMIN_URL = os.environ.get("ONPREM_LABEL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 CHUNK = 20_000
 
 
@@ -116,7 +114,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=100_000)
     args = parser.parse_args()
-    from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
     from onprem_label.db import make_engine, migrate
@@ -125,14 +122,9 @@ def main() -> None:
 
     print(c.machine_summary())
     rng = random.Random(8)
-    with tempfile.TemporaryDirectory(prefix="onprem-quality-") as tmp:
-        admin, name = None, ""
+    with tempfile.TemporaryDirectory(prefix="onprem-quality-") as tmp, ExitStack() as stack:
         if args.backend == "postgresql":
-            admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-            name = f"onprem_bench_quality_{uuid.uuid4().hex[:8]}"
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-            url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+            url = stack.enter_context(c.postgres_database("onprem_bench_quality"))
         else:
             url = f"sqlite:///{Path(tmp) / 'quality.db'}"
         engine = make_engine(url)
@@ -158,10 +150,6 @@ def main() -> None:
                   f"{'PASS' if med <= GOAL_S else 'FAIL'}")
         finally:
             engine.dispose()
-            if admin is not None:
-                with admin.connect() as conn:
-                    conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                admin.dispose()
 
 
 if __name__ == "__main__":

@@ -302,6 +302,7 @@ def db_check(ctx: click.Context) -> None:
 
 from onprem_label.cli_accounts import config_group, token_group, user_group  # noqa: E402
 from onprem_label.cli_audit import audit_group  # noqa: E402
+from onprem_label.cli_dicom import dicom_listen  # noqa: E402
 from onprem_label.cli_exchange import export_command, import_command  # noqa: E402
 from onprem_label.cli_ingest import ingest, project_group  # noqa: E402
 from onprem_label.cli_storage import doctor, key_group  # noqa: E402
@@ -316,6 +317,7 @@ cli.add_command(ingest)
 cli.add_command(audit_group)
 cli.add_command(export_command)
 cli.add_command(import_command)
+cli.add_command(dicom_listen)
 
 
 def main() -> None:

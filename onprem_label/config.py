@@ -57,6 +57,17 @@ def _check_lan_address(value: str) -> str | None:
     return _check_ip_address(value) and "expected one literal IP address of a host on the LAN"
 
 
+def _check_ae_title(value: str) -> str | None:
+    # PS3.5 6.2, VR AE: up to 16 characters of the default repertoire, no backslash or controls.
+    if not 0 < len(value.strip()) <= 16 or any(not " " <= c <= "~" or c == "\\" for c in value):
+        return "expected 1 to 16 printable ASCII characters without a backslash (a DICOM AE title)"
+    return None
+
+
+def _check_bind_address(value: str) -> str | None:
+    return _check_ip_address(value) if value else "expected one literal IP address"
+
+
 def _check_database_url(value: str) -> str | None:
     if value and not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         return "expected a sqlite:/// or postgresql+psycopg:// URL"
@@ -128,6 +139,14 @@ REGISTRY: tuple[Setting, ...] = (
             "Seconds one file may take to be decoded and de-identified in its worker process; a "
             "file that takes longer (a decoder caught in a loop by a hostile file) is rejected.",
             minimum=5, maximum=86400),
+    Setting("dicom_ae_title", "str", "ONPREMLABEL",
+            "AE title of the DICOM receiver (`dicom-listen`); callers must address it by this title.",
+            check=_check_ae_title),
+    Setting("dicom_bind", "str", "127.0.0.1",
+            "Address the DICOM receiver listens on. Default loopback: set the server's LAN address "
+            "once the callers allowed per project (project setting dicom_callers) are configured.",
+            check=_check_bind_address),
+    Setting("dicom_port", "int", 11112, "TCP port of the DICOM receiver.", minimum=1, maximum=65535),
     Setting("raster_max_pixels", "int", 89_478_485,
             "Largest picture (width x height) accepted; larger ones are rejected as possible "
             "decompression bombs before their pixels are decoded. The default is Pillow's own "

@@ -91,6 +91,9 @@ def actor(root: ET.Element) -> ET.Element:
     ("annotation:save", "110110", "Patient Record", "U", []),
     ("task:submit", "110110", "Patient Record", "U", []),
     ("task:review", "110110", "Patient Record", "U", []),
+    ("dicom:association_accept", "110102", "Begin Transferring DICOM Instances", "E", []),
+    ("dicom:association_end", "110104", "DICOM Instances Transferred", "C", []),
+    ("dicom:association_refuse", "110113", "Security Alert", "E", ["110126"]),
 ])
 def test_action_maps_to_dicom_event(action, event_id, text, action_code, type_codes):
     """Each action family gets its PS3.15 EventID, EventActionCode and EventTypeCodes, all from DCM."""

@@ -76,6 +76,11 @@ class AuditAction(StrEnum):
     EXPORT_PROJECT = "export:project"
     IMPORT_PREDICTIONS = "import:predictions"  # one predictions file read, with its counts
 
+    # The DICOM receiver (dicomnet): a calling node accepted or refused, and what one association brought.
+    DICOM_ASSOCIATION_ACCEPT = "dicom:association_accept"
+    DICOM_ASSOCIATION_REFUSE = "dicom:association_refuse"
+    DICOM_ASSOCIATION_END = "dicom:association_end"
+
     AUDIT_SEARCH = "audit:search"
     AUDIT_EXPORT = "audit:export"
     AUDIT_VERIFY = "audit:verify"

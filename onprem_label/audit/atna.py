@@ -37,7 +37,9 @@ def _dcm(code: str, text: str) -> Code:
 
 # EventID (CID 400) and EventTypeCode (CID 401) values, PS3.16.
 AUDIT_LOG_USED = _dcm("110101", "Audit Log Used")
+BEGIN_TRANSFER = _dcm("110102", "Begin Transferring DICOM Instances")
 INSTANCES_ACCESSED = _dcm("110103", "DICOM Instances Accessed")
+INSTANCES_TRANSFERRED = _dcm("110104", "DICOM Instances Transferred")
 EXPORT = _dcm("110106", "Export")
 IMPORT = _dcm("110107", "Import")
 PATIENT_RECORD = _dcm("110110", "Patient Record")
@@ -45,6 +47,7 @@ SECURITY_ALERT = _dcm("110113", "Security Alert")
 USER_AUTHENTICATION = _dcm("110114", "User Authentication")
 LOGIN = _dcm("110122", "Login")
 LOGOUT = _dcm("110123", "Logout")
+NODE_AUTHENTICATION = _dcm("110126", "Node Authentication")
 EMERGENCY_OVERRIDE_STARTED = _dcm("110127", "Emergency Override Started")
 SECURITY_CONFIGURATION = _dcm("110129", "Security Configuration")
 SOFTWARE_CONFIGURATION = _dcm("110131", "Software Configuration")
@@ -105,6 +108,10 @@ _BY_ACTION = {
     "item:pixel_check_clear": _Kind(INSTANCES_ACCESSED, "U"),  # changes the item's release state
     "backup:restore": _IMPORT,
     "import:predictions": _IMPORT,  # a model's output brought in from outside the server
+    # The actor of a DICOM association is the calling node, which sends: Source Role ID (A.5.3.4).
+    "dicom:association_accept": _Kind(BEGIN_TRANSFER, "E", actor_role=SOURCE_ROLE),
+    "dicom:association_end": _Kind(INSTANCES_TRANSFERRED, "C", actor_role=SOURCE_ROLE),
+    "dicom:association_refuse": _alert(NODE_AUTHENTICATION),  # an unknown node knocked
 }
 # Families, for actions without an entry above (new members of a known family land here).
 _BY_OBJECT = {

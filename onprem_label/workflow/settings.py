@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,9 @@ class ProjectSettings:
     pay_decimals: int = 2
     pay_gold: bool = False
     pay_minimum_hourly: str = "0"
+    # DICOM callers whose C-STOREs land in this project (onprem_label.dicomnet; docs/dicom-receiver.md):
+    # [{"ae_title": "PACS1", "address": "10.1.2.3" | "10.1.2.0/24"}].
+    dicom_callers: list = field(default_factory=list)
 
 
 LIMITS = {"review_rate": (0.01, 1.0), "lease_minutes": (1, 24 * 60), "max_rounds": (1, 100),
@@ -70,6 +74,9 @@ MAX_RATE = Decimal("1000000")
 
 
 MAX_SKILLS = 20
+MAX_DICOM_CALLERS = 100
+# PS3.5 6.2, VR AE: the default repertoire without backslash and control characters.
+AE_TITLE_RE = re.compile(r"[ -\[\]-~]{1,16}")
 
 
 def _skills_problem(value: list) -> str | None:
@@ -79,6 +86,27 @@ def _skills_problem(value: list) -> str | None:
     if any(":" in s and s.split(":", 1)[0] not in ("modality", "class") for s in value):
         return "a prefix is modality: or class:"
     return None
+
+
+def dicom_callers_problem(value: list) -> str | None:
+    """Why a dicom_callers list is wrong, or None: AE titles of the DICOM charset, IP or CIDR addresses."""
+    if len(value) > MAX_DICOM_CALLERS:
+        return f"at most {MAX_DICOM_CALLERS} callers"
+    for entry in value:
+        if not isinstance(entry, dict) or set(entry) != {"ae_title", "address"}:
+            return 'each caller is {"ae_title": "...", "address": "IP or CIDR"}'
+        title, address = entry["ae_title"], entry["address"]
+        if not isinstance(title, str) or not AE_TITLE_RE.fullmatch(title) or not title.strip():
+            return "an AE title is 1 to 16 printable ASCII characters, no backslash"
+        try:
+            ipaddress.ip_network(address if isinstance(address, str) else "", strict=True)
+        except ValueError:
+            return "an address is one IP address or a network in CIDR form (10.1.2.0/24), without host bits"
+    return None
+
+
+def _list_problem(key: str, value: list) -> str | None:
+    return dicom_callers_problem(value) if key == "dicom_callers" else _skills_problem(value)
 
 
 def _text_problem(key: str, value: str) -> str | None:
@@ -116,7 +144,7 @@ def validate_settings(raw: Any) -> dict[str, Any]:
             problems.append({"field": f"settings.{key}", "message": f"must be from {low} to {high}"})
             continue
         if (expected is str and (problem := _text_problem(key, value))) or \
-                (expected is list and (problem := _skills_problem(value))):
+                (expected is list and (problem := _list_problem(key, value))):
             problems.append({"field": f"settings.{key}", "message": problem})
             continue
         values[key] = value
