@@ -2,7 +2,7 @@
 
 Goal (issue 9): our instances/s >= 80% of storescp's on the same machine in the same run.
 Usage: .venv/bin/python bench/cstore_rate.py [--slices 500] [--runs 3] [--backend sqlite|postgresql]
-       [--workers N] [--parts 100] [--nagle]
+       [--workers N] [--parts 100] [--nagle] [--bare]
 
 The slices are made once with ingest_throughput.py's generator (16-bit signed CT, explicit VR
 little endian, identifying attributes and a private group, ~0.5 MB each), one series. Each run,
@@ -17,6 +17,8 @@ Both dcmtk programs run with TCP_NODELAY=1 (dcmtk's switch for Nagle's algorithm
 Debian build lets Nagle and delayed ACKs hold each exchange ~40 ms, which caps storescp near
 22 instances/s and would make any receiver look good (--nagle measures that way instead).
 
+With --bare, each run also sends the tree to a pynetdicom SCP that answers success and does nothing
+else: the rate the library's message loop allows before any work of ours.
 With --parts N, N slices are then sent once more to a receiver in this process whose steps are
 timed alone (digest, spool put, prepare in the worker, the batch stores per instance).
 """
@@ -78,6 +80,36 @@ def storescp_once(tree: Path, base: Path, files: int, env: dict[str, str], timeo
         proc.terminate()
         proc.wait(timeout=10)
         shutil.rmtree(out)
+
+
+# The ceiling of any receiver built on pynetdicom: an SCP that answers success without decoding,
+# keeping or writing anything, with dicom-listen's PDU size. Its rate against storescp's is what
+# pynetdicom's own message loop allows before any work of ours.
+_BARE_SCP = """
+import sys
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from onprem_label.dicomnet.receiver import MAX_PDU
+ae = AE(ae_title="BARE")
+ae.maximum_pdu_size = MAX_PDU
+ae.supported_contexts = AllStoragePresentationContexts
+print("ready", flush=True)
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+"""
+
+
+def bare_once(tree: Path, base: Path, env: dict[str, str], timeout: float) -> float:
+    """A bare pynetdicom SCP (see _BARE_SCP); storescu's wall seconds."""
+    port = c.free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _BARE_SCP, str(port)], env=c.clean_env(), stdout=subprocess.PIPE,
+                            stderr=open(base / "bare.log", "wb"))
+    try:
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the bare SCP did not start")
+        time.sleep(0.2)
+        return send(tree, port, "BENCH", "BARE", env, timeout)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 class Listener:
@@ -223,19 +255,24 @@ def compare(args, tree: Path, base: Path, env: dict[str, str]) -> None:
     """The alternating runs of storescp and dicom-listen; prints each run, the medians and the verdict."""
     with ExitStack() as stack:
         url = stack.enter_context(c.postgres_database("onprem_bench_cstore")) if args.backend == "postgresql" else ""
-        ours, done, theirs = _alternate(args, tree, base, env, url)
+        ours, done, theirs, bare = _alternate(args, tree, base, env, url)
     rate, their_rate = args.slices / c.median(ours), args.slices / c.median(theirs)
     committed_rate = args.slices / c.median(done)
     ratio = rate / their_rate
+    if bare:
+        bare_rate = args.slices / c.median(bare)
+        print(f"{args.backend}: bare pynetdicom SCP (answers without any work) median {bare_rate:.1f} instances/s: "
+              f"{bare_rate / their_rate:.3f} of storescp; dicom-listen is {rate / bare_rate:.3f} of it")
     print(f"{args.backend}: dicom-listen median {rate:.1f} instances/s (until the last commit "
           f"{committed_rate:.1f}/s), storescp median {their_rate:.1f}/s, over {args.runs} runs of "
           f"{args.slices} slices: ratio {ratio:.3f} (goal >= {GOAL_RATIO}) {'PASS' if ratio >= GOAL_RATIO else 'FAIL'}")
 
 
-def _alternate(args, tree: Path, base: Path, env: dict[str, str], url: str) -> tuple[list, list, list]:
-    """(our storescu seconds, our seconds until committed, storescp's seconds) per run, alternating."""
+def _alternate(args, tree: Path, base: Path, env: dict[str, str], url: str) -> tuple[list, list, list, list]:
+    """(our storescu seconds, our seconds until committed, storescp's seconds, the bare SCP's seconds)
+    per run, alternating (the bare SCP last in each run, with --bare)."""
     listener = Listener(base / "ours", url, args.workers)
-    ours, done, theirs = [], [], []
+    ours, done, theirs, bare = [], [], [], []
     try:
         listener.once(tree, args.slices, 0, env, args.timeout)  # warm-up: worker start, page cache
         for run in range(1, args.runs + 1):
@@ -251,9 +288,12 @@ def _alternate(args, tree: Path, base: Path, env: dict[str, str], url: str) -> t
                     done.append(committed)
                     figure = f"{args.slices / wall:.1f}/s (all committed {args.slices / committed:.1f}/s)"
                 print(f"run {run} {which}: {figure}; machine busy {load.stop():.0%}")
+            if args.bare:
+                bare.append(bare_once(tree, base, env, args.timeout))
+                print(f"run {run} bare pynetdicom SCP: {args.slices / bare[-1]:.1f}/s")
     finally:
         listener.close()
-    return ours, done, theirs
+    return ours, done, theirs, bare
 
 
 def main() -> int:
@@ -266,6 +306,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="dicom-listen --workers (default: its own)")
     parser.add_argument("--parts", type=int, default=100, help="slices for the per-step timing; 0 skips it")
     parser.add_argument("--nagle", action="store_true", help="leave TCP_NODELAY unset for dcmtk")
+    parser.add_argument("--bare", action="store_true", help="also time a bare pynetdicom SCP (the library's ceiling)")
     parser.add_argument("--tmp", default=None)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--quiet-wait", type=float, default=60)
