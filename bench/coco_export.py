@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,7 +32,6 @@ import _common as c
 
 GOAL_S = 30.0
 GOAL_RSS_MIB = 128.0
-PG_ADMIN_URL = os.environ.get("ONPREM_LABEL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 CHUNK = 20_000
 SIDE = 512
 
@@ -127,57 +125,43 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=100_000)
     args = parser.parse_args()
-    from sqlalchemy import create_engine
-
     from onprem_label.db import make_engine
 
     print(c.machine_summary())
     rng = random.Random(9)
-    with tempfile.TemporaryDirectory(prefix="onprem-coco-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="onprem-coco-") as tmp, ExitStack() as stack:
         data, env = Path(tmp) / "data", c.clean_env()
-        admin, name = None, ""
         if args.backend == "postgresql":
-            admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-            name = f"onprem_bench_coco_{uuid.uuid4().hex[:8]}"
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-            env["ONPREM_LABEL_DATABASE_URL"] = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-        try:
-            subprocess.run([*c.onprem_label_command(), "--data-dir", str(data), "init"], env=env, check=True,
-                           capture_output=True)
-            engine = make_engine(env.get("ONPREM_LABEL_DATABASE_URL") or f"sqlite:///{data / 'onprem-label.db'}")
-            started = time.monotonic()
-            fill(engine, 1, args.tasks, rng, first_item=1)
-            fill(engine, 2, 1, rng, first_item=args.tasks + 1)
-            with engine.connect() as conn:
-                conn.exec_driver_sql("ANALYZE")
-                conn.commit()
-            engine.dispose()
-            print(f"filled {args.tasks} accepted tasks in {time.monotonic() - started:.1f} s")
-            big, small = [], []
-            out = Path(tmp) / "coco.json"
-            for run in range(args.runs):
-                small.append(export_once(env, data, 2, out))
-                big.append(export_once(env, data, 1, out))
-                print(f"run {run + 1}: {big[-1][0]:.2f} s, peak RSS {big[-1][1] / 2**20:.1f} MiB "
-                      f"(one-task export: {small[-1][0]:.2f} s, {small[-1][1] / 2**20:.1f} MiB)")
-            with out.open("rb") as f:
-                doc = json.load(f)
-            assert len(doc["images"]) == args.tasks, len(doc["images"])
-            print(f"output: {out.stat().st_size / 2**20:.1f} MiB, {len(doc['images'])} images, "
-                  f"{len(doc['annotations'])} annotations")
-            seconds = c.median([t for t, _ in big])
-            growth = (c.median([r for _, r in big]) - c.median([r for _, r in small])) / 2**20
-            verdict = "PASS" if seconds <= GOAL_S and growth <= GOAL_RSS_MIB else "FAIL"
-            print(f"{args.backend}: COCO export of {args.tasks} accepted tasks: median {seconds:.2f} s of {args.runs} "
-                  f"({seconds / GOAL_S:.2f} x the 30 s goal); RSS growth {growth:.1f} MiB "
-                  f"({growth / GOAL_RSS_MIB:.2f} x the 128 MiB goal) {verdict}")
-        finally:
-            if admin is not None:
-                with admin.connect() as conn:
-                    conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                admin.dispose()
-
+            env["ONPREM_LABEL_DATABASE_URL"] = stack.enter_context(c.postgres_database("onprem_bench_coco"))
+        subprocess.run([*c.onprem_label_command(), "--data-dir", str(data), "init"], env=env, check=True,
+                       capture_output=True)
+        engine = make_engine(env.get("ONPREM_LABEL_DATABASE_URL") or f"sqlite:///{data / 'onprem-label.db'}")
+        started = time.monotonic()
+        fill(engine, 1, args.tasks, rng, first_item=1)
+        fill(engine, 2, 1, rng, first_item=args.tasks + 1)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE")
+            conn.commit()
+        engine.dispose()
+        print(f"filled {args.tasks} accepted tasks in {time.monotonic() - started:.1f} s")
+        big, small = [], []
+        out = Path(tmp) / "coco.json"
+        for run in range(args.runs):
+            small.append(export_once(env, data, 2, out))
+            big.append(export_once(env, data, 1, out))
+            print(f"run {run + 1}: {big[-1][0]:.2f} s, peak RSS {big[-1][1] / 2**20:.1f} MiB "
+                  f"(one-task export: {small[-1][0]:.2f} s, {small[-1][1] / 2**20:.1f} MiB)")
+        with out.open("rb") as f:
+            doc = json.load(f)
+        assert len(doc["images"]) == args.tasks, len(doc["images"])
+        print(f"output: {out.stat().st_size / 2**20:.1f} MiB, {len(doc['images'])} images, "
+              f"{len(doc['annotations'])} annotations")
+        seconds = c.median([t for t, _ in big])
+        growth = (c.median([r for _, r in big]) - c.median([r for _, r in small])) / 2**20
+        verdict = "PASS" if seconds <= GOAL_S and growth <= GOAL_RSS_MIB else "FAIL"
+        print(f"{args.backend}: COCO export of {args.tasks} accepted tasks: median {seconds:.2f} s of {args.runs} "
+              f"({seconds / GOAL_S:.2f} x the 30 s goal); RSS growth {growth:.1f} MiB "
+              f"({growth / GOAL_RSS_MIB:.2f} x the 128 MiB goal) {verdict}")
 
 if __name__ == "__main__":
     main()
