@@ -30,8 +30,10 @@ def dicom_listen(ctx, ae_title: str | None, bind: str | None, port: int | None, 
     settings = settings_from(ctx.find_root(), dicom_ae_title=ae_title, dicom_bind=bind, dicom_port=port)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("pynetdicom", "alembic"):  # pynetdicom logs every PDU at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING if settings.log_level != "debug" else logging.DEBUG)
+    # pynetdicom logs every PDU at INFO and, at DEBUG, the original SOP Instance UID of every C-STORE
+    # (an identifier that must not reach a log): it stays at WARNING whatever our own level is.
+    for noisy in ("pynetdicom", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     workers = workers if workers is not None else settings.ingest_workers or os.cpu_count() or 1
     if workers < 1:
         raise CliError("--workers must be at least 1")

@@ -117,12 +117,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def receiver_running(site: Site, *, workers: int = 1) -> Iterator[int]:
+def receiver_running(site: Site, *, workers: int = 1, read_timeout: float | None = None) -> Iterator[int]:
     """The receiver in this process on a free loopback port (yields the port); stopped afterwards."""
     settings = site.settings()
     keyring = init_keyring(settings)[0]
     engine, maker = open_database(settings)
-    config = ReceiverConfig(AE_TITLE, "127.0.0.1", 0, settings.data_path, workers=workers)
+    config = ReceiverConfig(AE_TITLE, "127.0.0.1", 0, settings.data_path, workers=workers,
+                            **({"read_timeout": read_timeout} if read_timeout is not None else {}))
     receiver = Receiver(config, maker, open_store(settings, keyring), keyring, prepare_options(settings, keyring))
     try:
         yield receiver.start()

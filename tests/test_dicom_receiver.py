@@ -319,3 +319,100 @@ def test_bad_receiver_settings_are_refused(name, value):
     with pytest.raises(SettingsError, match=name):
         load_settings({name: value}, env={})
 
+
+
+# --- the listening socket's guards (dicomnet/guard.py) -------------------------------------------
+
+def _closed_by_server(sock, within: float) -> bool:
+    """True when the server closes `sock` within `within` seconds (recv gives b"" or a reset)."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@dcmtk
+def test_a_peer_stalled_inside_a_pdu_is_cut_off_and_the_slot_comes_back(site):
+    """Six bytes of a PDU header and then silence: the read times out, the connection closes, echo works."""
+    import socket
+
+    site.project("Chest CT", LOOPBACK)
+    with receiver_running(site, read_timeout=1.0) as port:
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"\x01\x00\x00\x00\x03\xe8")  # an A-ASSOCIATE-RQ of 1000 bytes, never sent
+        assert _closed_by_server(stalled, 15)
+        stalled.close()
+        assert echoscu(port).returncode == 0
+
+
+@dcmtk
+def test_a_pdu_declared_longer_than_we_accept_is_refused_unread(site):
+    """A header declaring a 4 GiB PDU closes the connection at once (no 4 GiB read, no waiting for it)."""
+    import socket
+
+    site.project("Chest CT", LOOPBACK)
+    with receiver_running(site) as port:  # the default read timeout (65 s) is not what closes it
+        greedy = socket.create_connection(("127.0.0.1", port))
+        greedy.sendall(b"\x01\x00\xff\xff\xff\x00")
+        assert _closed_by_server(greedy, 10)
+        greedy.close()
+        assert echoscu(port).returncode == 0
+
+
+def test_connections_past_the_limit_from_one_address_are_closed(site):
+    """One address holding PER_ADDRESS connections open gets the next one closed unread."""
+    import socket
+
+    from onprem_label.dicomnet.guard import PER_ADDRESS
+
+    site.project("Chest CT", LOOPBACK)
+    with receiver_running(site, read_timeout=30.0) as port:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(PER_ADDRESS)]
+        try:
+            assert wait_for(lambda: not _closed_by_server(held[0], 0.05), 5)
+            extra = socket.create_connection(("127.0.0.1", port))
+            assert _closed_by_server(extra, 10)
+            extra.close()
+            assert not any(_closed_by_server(s, 0.05) for s in held)  # the held ones are still open
+        finally:
+            for s in held:
+                s.close()
+
+
+@dcmtk
+def test_a_fault_while_routing_refuses_the_caller_instead_of_accepting_it(site, monkeypatch):
+    """pynetdicom accepts when a handler raises: ours refuses (transient) and nothing is accepted."""
+    import onprem_label.dicomnet.receiver as receiver_module
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("database gone")
+
+    site.project("Chest CT", LOOPBACK)
+    monkeypatch.setattr(receiver_module, "route_caller", broken)
+    with receiver_running(site) as port:
+        echoed = echoscu(port)
+    assert echoed.returncode != 0
+    assert site.events("dicom:association_accept") == []
+
+
+def test_an_unreadable_instance_in_the_spool_never_stops_the_start(site):
+    """A spooled file that no longer prepares (garbage here) is recorded as rejected; the good one lands."""
+    project = site.project("Chest CT", LOOPBACK)
+    settings = site.settings()
+    keyring = init_keyring(settings)[0]
+    spool = Spool(site.data, keyring, project)
+    spool.put(make_dicom(study=STUDY, number=1, seed=1))
+    spool.put(b"this was never DICOM" * 10)
+    from onprem_label.cli import open_database
+
+    engine, maker = open_database(settings)
+    try:
+        config = ReceiverConfig(AE_TITLE, "127.0.0.1", 0, site.data)
+        recover_spool(config, maker, open_store(settings, keyring), keyring, prepare_options(settings, keyring))
+    finally:
+        engine.dispose()
+    assert site.items(project) == 1 and spool.pending() == []
+    assert len(site.events("item:reject")) == 1

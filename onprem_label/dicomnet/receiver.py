@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from onprem_label.audit.actions import AuditAction
 from onprem_label.audit.record import AuditContext, record
 from onprem_label.clock import utcnow
+from onprem_label.dicomnet.guard import READ_TIMEOUT_S, GuardedServer
 from onprem_label.dicomnet.received import prepare_received, warm_up
 from onprem_label.dicomnet.routing import route_caller
 from onprem_label.dicomnet.spool import Spool, spools_with_leftovers
@@ -40,11 +41,13 @@ CANNOT_UNDERSTAND = 0xC000  # error: cannot understand (corrupt, undecodable)
 STATUS_OF = {errors.TOO_LARGE: OUT_OF_RESOURCES, errors.TOO_MANY_PIXELS: OUT_OF_RESOURCES,
              errors.NO_PIXEL_DATA: NOT_SOP_CLASS, errors.INCOMPATIBLE: MISMATCH}
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected permanent, by the service user, with its reason.
-REJECT_PERMANENT, BY_SERVICE_USER = 0x01, 0x01
+REJECT_PERMANENT, REJECT_TRANSIENT, BY_SERVICE_USER, NO_REASON = 0x01, 0x02, 0x01, 0x01
 CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
 WRONG_CALLED_AE = "wrong_called_ae"
 MAX_PDU = 1 << 20
+PDU_SLACK = 64 << 10  # an A-ASSOCIATE-RQ with many contexts, PDV headers around a full P-DATA
 BATCH_FILES = 64  # instances per transaction; a 500-slice series is 8 commits, not 500
+STORE_ATTEMPTS, STORE_RETRY_S = 3, 2.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class ReceiverConfig:
     workers: int = 1
     batch_files: int = BATCH_FILES
     actor_name: str = "dicom-listen"
+    read_timeout: float = READ_TIMEOUT_S
 
 
 @dataclass
@@ -96,8 +100,8 @@ class Receiver:
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.require_called_aet = False  # checked in _on_requested, so the refusal is audited too
-        # Larger PDUs than the 16 KiB default mean fewer reads in pynetdicom's Python loop; 1 MiB is
-        # more than senders use (dcmtk sends at most 128 KiB) and bounds what one PDU may ask us to hold.
+        # Larger PDUs than the 16 KiB default mean fewer reads in pynetdicom's Python loop. This is only
+        # what we advertise: the guarded server (guard.py) refuses a PDU declared longer than it.
         ae.maximum_pdu_size = MAX_PDU
         ae.maximum_associations = 16
         for context in AllStoragePresentationContexts:
@@ -111,11 +115,19 @@ class Receiver:
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_RELEASED, self._on_end), (evt.EVT_ABORTED, self._on_end),
                     (evt.EVT_CONN_CLOSE, self._on_end)]
-        self._server = self.ae.start_server((self.config.bind, self.config.port), block=False,
-                                            evt_handlers=handlers)
+        self._server = self.ae.make_server((self.config.bind, self.config.port), evt_handlers=handlers,
+                                           server_class=self._server_class())
+        # As AE.start_server does for its own servers (the server's shutdown() takes itself off the list).
+        self.ae._servers.append(self._server)
+        threading.Thread(target=self._server.serve_forever, name="dicom-listen", daemon=True).start()
         for _ in range(self._pool.workers):  # spawn the workers now, not during a caller's first C-STORE
             self._pool.submit(warm_up)
         return self._server.server_address[1]
+
+    def _server_class(self) -> type[GuardedServer]:
+        """The guarded server with this receiver's limits (guard.py says why)."""
+        return type("Server", (GuardedServer,), {"max_pdu": MAX_PDU + PDU_SLACK,
+                                                 "read_timeout": self.config.read_timeout})
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop listening, let open associations finish (up to `grace_seconds`), store what they sent."""
@@ -139,8 +151,22 @@ class Receiver:
     # -- association ---------------------------------------------------------------------------
 
     def _on_requested(self, event) -> None:
-        """Route the caller; refuse (A-ASSOCIATE-RJ, audited) a wrong called AE or an unknown caller."""
-        assoc = event.assoc
+        """Route the caller; refuse (A-ASSOCIATE-RJ, audited) a wrong called AE or an unknown caller.
+
+        pynetdicom accepts an association whose handler raised, so nothing may escape from here: a
+        fault while routing (the database busy or gone) refuses the caller for now instead.
+        """
+        try:
+            self._route(event.assoc)
+        except Exception:  # noqa: BLE001 - fail closed, and say why in the log
+            log.exception("could not check the caller of an association; refused for now")
+            with self._lock:
+                self._routes.pop(id(event.assoc), None)
+            event.assoc.acse.send_reject(REJECT_TRANSIENT, BY_SERVICE_USER, NO_REASON)
+            event.assoc.kill()
+
+    def _route(self, assoc) -> None:
+        """Accept (remember the project) or refuse one association request; see _on_requested."""
         caller = _text(assoc.requestor.primitive.calling_ae_title)
         called = _text(assoc.requestor.primitive.called_ae_title)
         address = assoc.requestor.address
@@ -211,8 +237,8 @@ class Receiver:
     # -- services ------------------------------------------------------------------------------
 
     def _on_echo(self, event) -> int:
-        """C-ECHO: success (only routed callers get this far)."""
-        return SUCCESS
+        """C-ECHO: success on an association we accepted (and opened); a failure otherwise."""
+        return SUCCESS if id(event.assoc) in self._open else CANNOT_UNDERSTAND
 
     def _on_store(self, event) -> Any:
         """Answer success once the instance is prepared and sealed in the spool; a failure otherwise."""
@@ -220,7 +246,7 @@ class Receiver:
         if state is None or state.ended:
             return _status(OUT_OF_RESOURCES, "the association is closing")
         try:
-            outcome, spooled = self._receive(state, event.encoded_dataset(), str(event.context.transfer_syntax))
+            outcome, spooled = self._receive(state, event.encoded_dataset())
             state.storer(_Received(spooled), outcome)  # raises when an earlier batch failed
         except Exception:  # noqa: BLE001 - a disk or database fault: refuse, never acknowledge
             log.exception("could not take an instance from AE %r", state.caller)
@@ -230,7 +256,7 @@ class Receiver:
             return _status(STATUS_OF.get(outcome.code, CANNOT_UNDERSTAND), outcome.reason)
         return SUCCESS
 
-    def _receive(self, state: _Association, data: bytes, syntax: str) -> tuple[Prepared | Rejected, str | None]:
+    def _receive(self, state: _Association, data: bytes) -> tuple[Prepared | Rejected, str | None]:
         """(prepared or rejected, spool id); the copy is sealed in the spool while the instance is prepared."""
         try:
             digest = source_digest(io.BytesIO(data), self._options.digest_key, self._options.max_bytes)
@@ -238,16 +264,14 @@ class Receiver:
             return exc, None
         # Sealing the copy (encrypt, fsync) and decoding it in a worker overlap: neither waits for the other.
         sealing = self._sealer.submit(state.spool.put, data)
-        if syntax in NATIVE_SYNTAXES:
-            # Uncompressed pixels need no image decoder (pydicom and numpy only, no C codec that could
-            # abort the process on hostile input), so they are prepared here: a worker would add two
-            # copies of the instance through a pipe to every C-STORE the caller waits for.
-            outcome = prepare_received(data, self._options, digest)
-        else:
-            try:
-                outcome = self._pool.run(prepare_received, data, self._options, digest)
-            except Rejected as exc:  # it crashed its worker twice
-                outcome = exc
+        # Every instance is decoded in an isolated worker (memory and time limits, docs/ingest-and-
+        # deidentification.md), uncompressed ones too: a data set may carry its own file meta that
+        # names another transfer syntax than the one negotiated, and even plain pixels and sequences
+        # can be made to cost gigabytes. (Preparing native ones here was 30% faster; bench X-R.)
+        try:
+            outcome = self._pool.run(prepare_received, data, self._options, digest)
+        except Rejected as exc:  # it crashed its worker twice
+            outcome = exc
         spooled = sealing.result()
         if isinstance(outcome, Rejected):
             state.spool.discard(spooled)  # answered with a failure: the caller still has it
@@ -255,12 +279,26 @@ class Receiver:
         return outcome, spooled
 
     def _store_group(self, state: _Association, group: list) -> None:
-        """One transaction for a group of instances (imaging.ingest.store_batch), then out of the spool."""
+        """One transaction for a group of instances (imaging.ingest.store_batch), then out of the spool.
+
+        A failed transaction (the database busy past its timeout, a lost connection) is rolled back and
+        tried again after a pause: these instances were acknowledged, so giving up means the spool
+        keeps them until the next start.
+        """
         target = IngestTarget(state.project_id, "dicom", actor_name=f"dicom:{state.caller}",
                               context=AuditContext(client_addr=state.address), link_key=self._link_key)
-        results = store_batch(state.db, self._store, target,
-                              [(f"{state.caller}#{n}", outcome) for n, (_, outcome) in enumerate(group)],
-                              now=utcnow())
+        files = [(f"{state.caller}#{n}", outcome) for n, (_, outcome) in enumerate(group)]
+        for attempt in range(STORE_ATTEMPTS):
+            try:
+                results = store_batch(state.db, self._store, target, files, now=utcnow())
+                break
+            except Exception:  # noqa: BLE001 - retried, then raised for StoreBehind to report
+                state.db.rollback()
+                if attempt == STORE_ATTEMPTS - 1:
+                    raise
+                log.warning("storing %d instances of AE %r failed; trying again", len(files), state.caller,
+                            exc_info=True)
+                threading.Event().wait(STORE_RETRY_S * (attempt + 1))
         for received, _ in group:
             if received.spool_id is not None:
                 state.spool.discard(received.spool_id)
@@ -287,17 +325,25 @@ def recover_spool(config: ReceiverConfig, make_session: Callable[[], Session], s
             ids = spool.pending()
             files = []
             for n, blob_id in enumerate(ids):
-                with spool.store.open(blob_id) as stream:
-                    digest = source_digest(stream, options.digest_key, options.max_bytes)
-                files.append((f"spool#{n}", pool.run(prepare_staged, str(spool.root), keyring, blob_id,
-                                                     options, digest)))
+                try:
+                    with spool.store.open(blob_id) as stream:
+                        digest = source_digest(stream, options.digest_key, options.max_bytes)
+                    outcome = pool.run(prepare_staged, str(spool.root), keyring, blob_id, options, digest)
+                except Rejected as exc:  # too large by today's limit, or it crashes its worker: recorded below
+                    outcome = exc
+                except Exception:  # noqa: BLE001 - unreadable: kept for an operator, never a start loop
+                    log.exception("spool of project %s: instance %s cannot be read; kept", spool.project_id,
+                                  blob_id)
+                    continue
+                files.append((blob_id, f"spool#{n}", outcome))
             with make_session() as db:
                 try:
-                    store_batch(db, store, target, files, now=utcnow())
+                    store_batch(db, store, target, [(name, outcome) for _, name, outcome in files], now=utcnow())
                 except LookupError:  # the project is gone: keep the instances for an operator
                     log.error("spool of project %s: the project no longer exists; %d instances kept",
                               spool.project_id, len(ids))
                     continue
+            ids = [blob_id for blob_id, _, _ in files]  # a rejected one is recorded by store_batch as such
             for blob_id in ids:
                 spool.discard(blob_id)
             total += len(ids)
@@ -322,9 +368,6 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-# Implicit and explicit VR little endian, explicit big endian: pixels as they are, nothing to decode
-# (deflated is not among them: inflating is a decoder's work, bombs included).
-NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 # Every transfer syntax our decoders read (docs/ingest-and-deidentification.md); storescu and PACS
 # propose the one each file has, and a compressed file stays compressed.
 ALL_TRANSFER_SYNTAXES = [
