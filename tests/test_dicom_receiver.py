@@ -416,3 +416,26 @@ def test_an_unreadable_instance_in_the_spool_never_stops_the_start(site):
         engine.dispose()
     assert site.items(project) == 1 and spool.pending() == []
     assert len(site.events("item:reject")) == 1
+
+
+def test_a_spool_file_two_associations_share_stays_until_both_are_done(site):
+    """The same bytes from two associations are one spool file (named by content): refusing one copy
+    must not take away the other's acknowledged one."""
+    from onprem_label.dicomnet.receiver import Receiver
+
+    project = site.project("Chest CT", LOOPBACK)
+    settings = site.settings()
+    keyring = init_keyring(settings)[0]
+    receiver = Receiver(ReceiverConfig(AE_TITLE, "127.0.0.1", 0, site.data), lambda: None,
+                        open_store(settings, keyring), keyring, prepare_options(settings, keyring))
+    try:
+        spool = Spool(site.data, keyring, project)
+        data = make_dicom(study=STUDY, seed=3)
+        first, second = receiver._spool_put(spool, data), receiver._spool_put(spool, data)
+        assert first == second and spool.pending() == [first]
+        receiver._spool_discard(spool, second)  # the second association refused its copy
+        assert spool.pending() == [first]  # the first one's acknowledged copy is still there
+        receiver._spool_discard(spool, first)
+        assert spool.pending() == []
+    finally:
+        receiver.stop()

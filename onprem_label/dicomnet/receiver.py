@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ class Receiver:
         self._sealer = ThreadPoolExecutor(4, thread_name_prefix="dicom-spool")  # one per association at a time
         self._routes: dict[int, tuple[int, str, str]] = {}  # id(assoc) -> (project, caller, address)
         self._open: dict[int, _Association] = {}
+        self._spooled: Counter = Counter()  # (project, spool id) -> associations holding it
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
@@ -263,7 +265,7 @@ class Receiver:
         except Rejected as exc:
             return exc, None
         # Sealing the copy (encrypt, fsync) and decoding it in a worker overlap: neither waits for the other.
-        sealing = self._sealer.submit(state.spool.put, data)
+        sealing = self._sealer.submit(self._spool_put, state.spool, data)
         # Every instance is decoded in an isolated worker (memory and time limits, docs/ingest-and-
         # deidentification.md), uncompressed ones too: a data set may carry its own file meta that
         # names another transfer syntax than the one negotiated, and even plain pixels and sequences
@@ -274,9 +276,28 @@ class Receiver:
             outcome = exc
         spooled = sealing.result()
         if isinstance(outcome, Rejected):
-            state.spool.discard(spooled)  # answered with a failure: the caller still has it
+            self._spool_discard(state.spool, spooled)  # answered with a failure: the caller still has it
             return outcome, None
         return outcome, spooled
+
+    # Spool entries are named by their content (the blob store's keyed hash): two associations that
+    # receive the same bytes share one file, so it goes only when the last of them is done with it.
+    def _spool_put(self, spool: Spool, data: bytes) -> str:
+        spooled = spool.put(data)
+        with self._lock:
+            if not spool.store.exists(spooled):  # its last holder took it out between our put and here
+                spooled = spool.put(data)
+            self._spooled[(spool.project_id, spooled)] += 1
+        return spooled
+
+    def _spool_discard(self, spool: Spool, spooled: str) -> None:
+        with self._lock:
+            key = (spool.project_id, spooled)
+            self._spooled[key] -= 1
+            if self._spooled[key] > 0:
+                return
+            del self._spooled[key]
+            spool.discard(spooled)  # under the lock: a put of the same bytes waits, then writes anew
 
     def _store_group(self, state: _Association, group: list) -> None:
         """One transaction for a group of instances (imaging.ingest.store_batch), then out of the spool.
@@ -301,7 +322,7 @@ class Receiver:
                 threading.Event().wait(STORE_RETRY_S * (attempt + 1))
         for received, _ in group:
             if received.spool_id is not None:
-                state.spool.discard(received.spool_id)
+                self._spool_discard(state.spool, received.spool_id)
         for result in results:
             state.counts[result.status] += 1
 
