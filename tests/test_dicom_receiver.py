@@ -92,7 +92,7 @@ def test_unknown_caller_is_refused_at_association_and_audited(site, tmp_path):
     assert "Calling AE Title Not Recognized" in sent.stdout + sent.stderr
     assert site.items(project) == 0
     refusals = site.events("dicom:association_refuse")
-    assert len(refusals) == 2
+    assert len(refusals) == 1  # the second, within seconds, is counted in the next event (see below)
     assert refusals[0].outcome == "denied" and refusals[0].details["reason"] == UNKNOWN_CALLER
     assert refusals[0].details["calling_ae"] == "STRANGER" and refusals[0].client_addr == "127.0.0.1"
     assert site.events("dicom:association_accept") == []
@@ -439,3 +439,24 @@ def test_a_spool_file_two_associations_share_stays_until_both_are_done(site):
         assert spool.pending() == []
     finally:
         receiver.stop()
+
+
+@dcmtk
+def test_a_caller_retrying_without_pause_is_audited_once_a_window_with_a_count(site, monkeypatch):
+    """Three refusals in a row are one audit event; the next one after the window counts the two between."""
+    import time
+
+    import onprem_label.dicomnet.receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "REFUSAL_WINDOW_S", 3.0)
+    site.project("Chest CT", LOOPBACK)
+    with receiver_running(site) as port:
+        started = time.monotonic()
+        for _ in range(3):
+            assert echoscu(port, calling="STRANGER").returncode != 0
+        assert time.monotonic() - started < 3.0, "too slow for the window; the assertions below would not hold"
+        assert len(site.events("dicom:association_refuse")) == 1
+        time.sleep(3.1)
+        assert echoscu(port, calling="STRANGER").returncode != 0
+    events = site.events("dicom:association_refuse")
+    assert [e.details["refused_since_last_event"] for e in events] == [0, 2]

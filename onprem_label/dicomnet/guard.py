@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
+from collections import Counter
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -38,6 +40,14 @@ class GuardedSocket(socket.socket):
     max_pdu: int = 0
     _header: bytes = b""
     _left: int = 0  # bytes of the current PDU body still to come
+    on_close = None  # called once when the connection is closed (the server's per-address count)
+
+    def close(self) -> None:
+        """socket.close, then tell whoever counts open connections."""
+        super().close()
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            callback()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:  # noqa: D401 - socket.recv's own signature
         """socket.recv, watching the PDU framing."""
@@ -76,17 +86,34 @@ class GuardedServer(ThreadedAssociationServer):
     read_timeout = READ_TIMEOUT_S
     per_address = PER_ADDRESS
 
+    def __init__(self, *args, **kwargs):
+        self._open: Counter = Counter()  # address -> connections accepted and not yet closed
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
     def get_request(self):
         """Accept, then guard the socket before pynetdicom sees it."""
         client, address = super().get_request()
         return _guarded(client, self.max_pdu, self.read_timeout), address
 
     def verify_request(self, request, client_address) -> bool:
-        """Refuse (close unread) a connection past `per_address` open associations from its address."""
+        """Refuse (close unread) a connection past `per_address` open ones from its address."""
         host = client_address[0]
-        open_here = sum(1 for a in self.ae.active_associations
-                        if a.is_alive() and a.requestor.address_info is not None and a.requestor.address == host)
-        if open_here >= self.per_address:
-            log.warning("refused a connection from %s: %d already open from there", host, open_here)
-            return False
+        # A connection cut short leaves pynetdicom's association thread waiting out its ACSE timeout
+        # (and holding one of the AE's association slots): those count here too.
+        lingering = sum(1 for a in self.ae.active_associations
+                        if a.requestor.address_info is not None and a.requestor.address == host)
+        with self._open_lock:
+            if max(self._open[host], lingering) >= self.per_address:
+                log.warning("refused a connection from %s: %d already open from there", host,
+                            max(self._open[host], lingering))
+                return False
+            self._open[host] += 1
+        request.on_close = lambda: self._closed(host)
         return True
+
+    def _closed(self, host: str) -> None:
+        with self._open_lock:
+            self._open[host] -= 1
+            if self._open[host] <= 0:
+                del self._open[host]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ MAX_PDU = 1 << 20
 PDU_SLACK = 64 << 10  # an A-ASSOCIATE-RQ with many contexts, PDV headers around a full P-DATA
 BATCH_FILES = 64  # instances per transaction; a 500-slice series is 8 commits, not 500
 STORE_ATTEMPTS, STORE_RETRY_S = 3, 2.0
+REFUSAL_WINDOW_S, MAX_REFUSAL_KEYS = 10.0, 10_000
+ACSE_TIMEOUT_S = 10.0  # pynetdicom's default is 30 s
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class Receiver:
         self._routes: dict[int, tuple[int, str, str]] = {}  # id(assoc) -> (project, caller, address)
         self._open: dict[int, _Association] = {}
         self._spooled: Counter = Counter()  # (project, spool id) -> associations holding it
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (address, reason) -> (audited at, since)
+        self.refusal_window = REFUSAL_WINDOW_S
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
@@ -106,6 +111,9 @@ class Receiver:
         # what we advertise: the guarded server (guard.py) refuses a PDU declared longer than it.
         ae.maximum_pdu_size = MAX_PDU
         ae.maximum_associations = 16
+        # How long an association waits for the peer's A-ASSOCIATE-RQ (and other ACSE answers); a
+        # connection cut by guard.py holds its slot this long. Peers answer in milliseconds.
+        ae.acse_timeout = ACSE_TIMEOUT_S
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
@@ -183,14 +191,36 @@ class Receiver:
                         self._routes[id(assoc)] = (route.project_id, caller, address)
                     return
                 reason, diagnostic = route.refusal, CALLING_AE_NOT_RECOGNIZED
-            # Audited before the answer leaves: the caller may look (or give up) at once.
-            record(db, AuditAction.DICOM_ASSOCIATION_REFUSE, actor_name=f"dicom:{caller}", object_type="dicom",
-                   outcome="denied", details={"reason": reason, "calling_ae": caller, "called_ae": called},
-                   context=AuditContext(client_addr=address), now=utcnow())
-            db.commit()
+            # Audited before the answer leaves (the caller may look, or give up, at once); a caller
+            # retrying without pause is audited once per REFUSAL_WINDOW_S, the next event counting
+            # the refusals in between, so it cannot fill the trail (or the log) at wire speed.
+            repeats = self._refusal_repeats(address, reason)
+            if repeats is not None:
+                record(db, AuditAction.DICOM_ASSOCIATION_REFUSE, actor_name=f"dicom:{caller}", object_type="dicom",
+                       outcome="denied", details={"reason": reason, "calling_ae": caller, "called_ae": called,
+                                                  "refused_since_last_event": repeats},
+                       context=AuditContext(client_addr=address), now=utcnow())
+                db.commit()
             assoc.acse.send_reject(REJECT_PERMANENT, BY_SERVICE_USER, diagnostic)
             assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom's own refusals do
-        log.warning("refused association from AE %r at %s (called %r): %s", caller, address, called, reason)
+        if repeats is not None:
+            log.warning("refused association from AE %r at %s (called %r): %s%s", caller, address, called, reason,
+                        f" ({repeats} more since the last report)" if repeats else "")
+
+    def _refusal_repeats(self, address: str, reason: str) -> int | None:
+        """How many refusals of (address, reason) went unrecorded since the last recorded one, when this
+        one is to be recorded; None when it falls inside the window and is only counted."""
+        now, key = time.monotonic(), (address, reason)
+        with self._lock:
+            last, count = self._refusals.get(key, (None, 0))
+            if last is not None and now - last < self.refusal_window:
+                self._refusals[key] = (last, count + 1)
+                return None
+            self._refusals[key] = (now, 0)
+            if len(self._refusals) > MAX_REFUSAL_KEYS:  # a sweep of many addresses: forget the oldest
+                oldest = min(self._refusals, key=lambda k: self._refusals[k][0])
+                del self._refusals[oldest]
+            return count
 
     def _on_accepted(self, event) -> None:
         """Open the association's session, spool and storer; audit that it began."""
