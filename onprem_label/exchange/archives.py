@@ -68,29 +68,20 @@ def _by_frame(row: ExportRow) -> dict[int, list[dict]]:
     return frames
 
 
-def yolo(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[bytes]:
-    """The YOLO zip: data.yaml, then labels/<frame>.txt per exported frame."""
-    return zip_stream(yolo_files(rows, schema, info))
-
-
 def yolo_files(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[tuple[str, str]]:
-    """The YOLO zip's files (name, text), in order."""
+    """The YOLO zip's files (name, text), in order: data.yaml, then labels/<frame>.txt per exported frame."""
     classes = [c["name"] for c in schema.get("classes", [])]
     names = {name: n for n, name in enumerate(classes)}
-
-    def files():
-        yaml = "# onprem-label export: " + " ".join(f"{k}={v}" for k, v in info.items() if isinstance(v, (int, str))) + "\n"
-        yaml += "path: .\ntrain: images\nval: images\n" + f"nc: {len(classes)}\nnames:\n"
-        yaml += "".join(f"  {n}: {_yaml_text(name)}\n" for n, name in enumerate(classes))
-        yield "data.yaml", yaml
-        for row in rows():
-            w, h = row.item.width, row.item.height
-            for frame, shapes in _by_frame(row).items():
-                lines = [f"{cls} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}"
-                         for cls, (x, y, bw, bh) in ((names[s["label"]], b) for s, b in _labelled(shapes, names))]
-                yield f"labels/{frame_name(row.item.id, frame, row.task.slot)}.txt", "".join(line + "\n" for line in lines)
-
-    return files()
+    yaml = "# onprem-label export: " + " ".join(f"{k}={v}" for k, v in info.items() if isinstance(v, (int, str))) + "\n"
+    yaml += "path: .\ntrain: images\nval: images\n" + f"nc: {len(classes)}\nnames:\n"
+    yaml += "".join(f"  {n}: {_yaml_text(name)}\n" for n, name in enumerate(classes))
+    yield "data.yaml", yaml
+    for row in rows():
+        w, h = row.item.width, row.item.height
+        for frame, shapes in _by_frame(row).items():
+            lines = [f"{cls} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}"
+                     for cls, (x, y, bw, bh) in ((names[s["label"]], b) for s, b in _labelled(shapes, names))]
+            yield f"labels/{frame_name(row.item.id, frame, row.task.slot)}.txt", "".join(line + "\n" for line in lines)
 
 
 def _yaml_text(name: str) -> str:
@@ -98,32 +89,23 @@ def _yaml_text(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def voc(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[bytes]:
-    """The Pascal VOC zip: Annotations/<frame>.xml per exported frame."""
-    return zip_stream(voc_files(rows, schema, info))
-
-
 def voc_files(rows: Callable[[], Iterator[ExportRow]], schema: dict, info: dict) -> Iterator[tuple[str, str]]:
-    """The Pascal VOC zip's files (name, text), in order."""
+    """The Pascal VOC zip's files (name, text), in order: Annotations/<frame>.xml per exported frame."""
     names = {c["name"]: n for n, c in enumerate(schema.get("classes", []))}
-
-    def files():
-        for row in rows():
-            for frame, shapes in _by_frame(row).items():
-                stem = frame_name(row.item.id, frame, row.task.slot)
-                objects = "".join(
-                    f"<object><name>{escape(label)}</name><pose>Unspecified</pose><truncated>0</truncated>"
-                    f"<difficult>0</difficult><bndbox><xmin>{round(x) + 1}</xmin><ymin>{round(y) + 1}</ymin>"
-                    f"<xmax>{max(round(x) + 1, round(x + bw))}</xmax><ymax>{max(round(y) + 1, round(y + bh))}</ymax>"
-                    f"</bndbox></object>"
-                    for label, (x, y, bw, bh) in ((s["label"], b) for s, b in _labelled(shapes, names)))
-                yield (f"Annotations/{stem}.xml",
-                       f"<annotation><folder>images</folder><filename>{stem}.png</filename>"
-                       f"<source><database>onprem-label</database></source><size><width>{row.item.width}</width>"
-                       f"<height>{row.item.height}</height><depth>1</depth></size><segmented>0</segmented>"
-                       f"{objects}</annotation>\n")
-
-    return files()
+    for row in rows():
+        for frame, shapes in _by_frame(row).items():
+            stem = frame_name(row.item.id, frame, row.task.slot)
+            objects = "".join(
+                f"<object><name>{escape(label)}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                f"<difficult>0</difficult><bndbox><xmin>{round(x) + 1}</xmin><ymin>{round(y) + 1}</ymin>"
+                f"<xmax>{max(round(x) + 1, round(x + bw))}</xmax><ymax>{max(round(y) + 1, round(y + bh))}</ymax>"
+                f"</bndbox></object>"
+                for label, (x, y, bw, bh) in ((s["label"], b) for s, b in _labelled(shapes, names)))
+            yield (f"Annotations/{stem}.xml",
+                   f"<annotation><folder>images</folder><filename>{stem}.png</filename>"
+                   f"<source><database>onprem-label</database></source><size><width>{row.item.width}</width>"
+                   f"<height>{row.item.height}</height><depth>1</depth></size><segmented>0</segmented>"
+                   f"{objects}</annotation>\n")
 
 
 def _labelled(shapes: list[dict], names: dict[str, int]):

@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 
 from onprem_label import __version__
 from onprem_label.exchange.selection import ExportRow
+from onprem_label.imaging.renditions import image_index
 from onprem_label.storage import BlobNotFound, EncryptedBlobStore, IntegrityError
 
 PRIVATE_SCHEME = "99ONPREMLABEL"  # "99" opens a private coding scheme designator (PS3.16 8.2)
@@ -91,11 +92,10 @@ def encode(ds: Dataset) -> bytes:
 
 def locate(row: ExportRow, frame: int) -> tuple[int, int]:
     """(index of the item's image, frame inside it) of the item's frame `frame`; NotDerivable past the end."""
-    for index, image in enumerate(row.images):
-        if 0 <= frame < image.frames:
-            return index, frame
-        frame -= image.frames
-    raise NotDerivable("a shape's frame is not one of the item's frames")
+    try:
+        return image_index(row.images, frame)
+    except ValueError:
+        raise NotDerivable("a shape's frame is not one of the item's frames") from None
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping
 from sqlalchemy import and_, func, or_, select
 
 from onprem_label.db.models import TASK_STATES, Annotation, Item, ItemImage, Task
+from onprem_label.imaging.renditions import image_index
 
 A, IMAGES, ITEMS, T = Annotation.__table__, ItemImage.__table__, Item.__table__, Task.__table__
 
@@ -176,9 +177,7 @@ def frame_name(item_id: int, frame: int, slot: int = 0) -> str:
 
 def instance_of(row: ExportRow, frame: int) -> str | None:
     """The de-identified SOP Instance UID holding one frame of the item (None for pictures)."""
-    seen = 0
-    for image in row.images:
-        if frame < seen + image.frames:
-            return image.instance_uid
-        seen += image.frames
-    return None
+    try:
+        return row.images[image_index(row.images, frame)[0]].instance_uid
+    except ValueError:
+        return None

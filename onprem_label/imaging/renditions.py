@@ -18,15 +18,23 @@ from onprem_label.storage import BlobNotFound, EncryptedBlobStore, IntegrityErro
 THUMB_SIDE = 256
 
 
+def image_index(images, frame: int) -> tuple[int, int]:
+    """(index in `images`, frame inside that image) of an item's frame `frame` (0-based), the item's
+    frames being its images' frames in order; ValueError past the end."""
+    if frame >= 0:
+        for index, image in enumerate(images):
+            if frame < image.frames:
+                return index, frame
+            frame -= image.frames
+    raise ValueError("frame out of range")
+
+
 def locate_frame(item: Item, frame: int) -> tuple[ItemImage, int]:
     """The image holding the item's frame `frame` (0-based) and the frame's index inside it."""
     if frame < 0 or frame >= item.frames:
         raise ValueError(f"frame must be from 0 to {item.frames - 1}")
-    for image in item.images:
-        if frame < image.frames:
-            return image, frame
-        frame -= image.frames
-    raise ValueError("frame out of range")  # frames and images disagree: never expected
+    index, local = image_index(item.images, frame)  # ValueError if frames and images disagree: never expected
+    return item.images[index], local
 
 
 def spec_of(window: Window | None) -> str:
