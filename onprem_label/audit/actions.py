@@ -36,6 +36,10 @@ class AuditAction(StrEnum):
     SYSTEM_INIT = "system:init"
     KEY_ROTATE = "key:rotate"
     STORAGE_REPAIR = "storage:repair"
+    # Operations (issue 10): a snapshot taken, checked, or brought back into a new data directory.
+    BACKUP_CREATE = "backup:create"
+    BACKUP_VERIFY = "backup:verify"
+    BACKUP_RESTORE = "backup:restore"
 
     PROJECT_CREATE = "project:create"
     PROJECT_UPDATE = "project:update"
