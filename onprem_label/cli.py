@@ -108,6 +108,7 @@ def init(ctx: click.Context, admin_name: str, demo: bool) -> None:
     for note in notes:
         click.echo(note)
     open_store(settings, keyring).root.mkdir(mode=0o700, exist_ok=True)
+    _create_private_sqlite_file(settings)
     engine = make_engine(settings.effective_database_url)
     try:
         before = migrate.current_revision(engine)
@@ -143,6 +144,19 @@ def init(ctx: click.Context, admin_name: str, demo: bool) -> None:
         click.echo("(it must be changed at first login)")
     finally:
         engine.dispose()
+
+
+def _create_private_sqlite_file(settings: Settings) -> None:
+    """Make a new SQLite database file with mode 0600 (SQLite's own would follow the umask, 0644).
+
+    Its -wal and -shm files take the database file's mode, so they are private too.
+    """
+    from onprem_label.health.permissions import sqlite_path
+
+    path = sqlite_path(settings)
+    if path is not None and not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _raise_interrupt(_signum, _frame) -> None:

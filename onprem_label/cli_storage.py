@@ -1,4 +1,4 @@
-"""CLI for keys and storage health: `key rotate|status` and `doctor [--storage] [--repair]`."""
+"""CLI for keys and health: `key rotate|status` and `doctor [--storage] [--repair] [--json]`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from onprem_label.clock import utcnow
 from onprem_label.config import NEW_PASSPHRASE_ENV
 from onprem_label.audit import chain
 from onprem_label.audit.site import chain_for
+from onprem_label.audit.text import escape_text
+from onprem_label.health import PROBLEM, WARNING, exit_code, status
+from onprem_label.health.doctor import DEFAULT_SAMPLE, DoctorOptions, run_doctor
 from onprem_label.storage import IntegrityError, blob_root, open_keyring, open_store
 from onprem_label.storage.blobstore import iter_blob_ids
 from onprem_label.storage.rotation import key_usage, rotate_master_key
@@ -134,38 +137,47 @@ def key_status(ctx: click.Context, as_json: bool) -> None:
 
 @click.command("doctor")
 @click.option("--storage", "check_blobs", is_flag=True,
-              help="Also compare blob files with database rows and authenticate blobs.")
+              help="Authenticate every blob (default: a random sample; files and rows are always compared).")
 @click.option("--sample", type=click.IntRange(min=1), default=None,
-              help="With --storage: authenticate only this many random blobs (default: all).")
+              help=f"Authenticate this many random blobs (default {DEFAULT_SAMPLE}; with --storage: all).")
+@click.option("--audit-full", is_flag=True,
+              help="Walk every audit event (default: the events after the newest checkpoint, and the "
+                   "events the checkpoints name).")
 @click.option("--repair", is_flag=True,
-              help="Remove temp leftovers; every other finding is only reported.")
+              help="Remove temp leftovers (an audited action); every other finding is only reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for monitoring).")
 @click.pass_context
-def doctor(ctx: click.Context, check_blobs: bool, sample: int | None, repair: bool) -> None:
-    """Check settings, key, database and (with --storage) the blob store; exit 1 on any finding."""
-    from onprem_label.cli import ask_passphrase, open_database
-    from onprem_label.doctor import check_storage
+def doctor(ctx: click.Context, check_blobs: bool, sample: int | None, audit_full: bool, repair: bool,
+           as_json: bool) -> None:
+    """Check settings, permissions, key, database, blobs, audit chain, clock and disk; report each.
 
-    settings = _settings(ctx)
-    click.echo("settings: ok")
-    keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
-    click.echo(f"master key: ok ({keyring.current_id.hex()})")
-    engine, make_session = open_database(settings)
-    click.echo("database: at head")
-    if not check_blobs:
-        engine.dispose()
-        return
-    try:
-        with make_session() as db:
-            report = check_storage(db, open_store(settings, keyring), sample=sample, repair=repair)
-    finally:
-        engine.dispose()
-    for line in report.lines():
-        click.echo(line)
+    Exit status as monitoring plugins use it: 0 all ok, 1 warnings, 2 problems.
+    """
+    from onprem_label.cli import ask_passphrase, settings_from
+
+    if sample is None and not check_blobs:
+        sample = DEFAULT_SAMPLE
+    options = DoctorOptions(sample=sample, repair=repair, audit_full=audit_full)
+    report = run_doctor(lambda: settings_from(ctx.find_root()), ask_passphrase, options)
+    findings = report.findings
     if report.removed_temp:
-        _audit(settings, AuditAction.STORAGE_REPAIR, {"temp_files_removed": report.removed_temp})
-        click.echo(f"removed {report.removed_temp} temp leftovers")
-    click.echo(f"storage: {report.checked} blobs authenticated, "
-               f"{'no faults' if report.ok else str(len(report.lines())) + ' faults'}")
-    if not report.ok:
-        sys.exit(1)
+        _audit(report.settings, AuditAction.STORAGE_REPAIR, {"temp_files_removed": report.removed_temp})
+    code = exit_code(findings)
+    if as_json:
+        click.echo(json.dumps({"status": status(findings), "exit_code": code,
+                               "findings": [f.as_dict() for f in findings]}, indent=2))
+    else:
+        for finding in findings:
+            click.echo(escape_text(finding.line()))
+        click.echo(_summary(findings))
+    sys.exit(code)
 
+
+def _summary(findings) -> str:
+    """The last line: how many problems and warnings, or that every check is ok."""
+    counts = {severity: sum(f.severity == severity for f in findings) for severity in (PROBLEM, WARNING)}
+    if not any(counts.values()):
+        return "doctor: every check ok"
+    parts = [f"{n} {word}{'s' if n != 1 else ''}" for word, n in
+             (("problem", counts[PROBLEM]), ("warning", counts[WARNING])) if n]
+    return f"doctor: {', '.join(parts)}"

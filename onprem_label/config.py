@@ -180,6 +180,9 @@ REGISTRY: tuple[Setting, ...] = (
             "This server's name in forwarded syslog messages and DICOM audit messages (AuditSourceID)."),
     Setting("log_level", "str", "info", "Application log level.",
             choices=("debug", "info", "warning", "error")),
+    Setting("doctor_min_free_disk_mb", "int", 1024,
+            "`onprem-label doctor` warns when the data directory's filesystem (or the checkpoint "
+            "file's) has fewer MiB free than this.", minimum=0, maximum=1 << 30),
 )
 
 BY_NAME = {s.name: s for s in REGISTRY}

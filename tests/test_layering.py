@@ -14,7 +14,7 @@ import onprem_label
 from onprem_label.cli import cli
 
 PACKAGE_DIR = Path(onprem_label.__file__).resolve().parent
-CORE = ("config", "db", "storage", "imaging", "workflow", "audit", "auth", "exchange", "dicomnet")
+CORE = ("config", "db", "storage", "imaging", "workflow", "audit", "auth", "exchange", "dicomnet", "health")
 REQUIRED_CORE = ("config", "db", "storage", "audit", "auth")
 # Anything the web layer stands on; reaching one of these drags Flask into the core.
 FORBIDDEN = ("flask", "flask_login", "flask_wtf", "werkzeug", "onprem_label.web", "onprem_label.app",
@@ -36,6 +36,8 @@ MAY_IMPORT = {
     "exchange": {"db", "storage", "imaging", "audit"},
     # The DICOM receiver ingests through imaging and reads each project's dicom_callers (workflow.settings).
     "dicomnet": {"db", "storage", "imaging", "audit", "workflow"},
+    # The doctor reads what the others keep (keys, blobs, schema, chain) and writes nothing.
+    "health": {"db", "storage", "audit"},
 }
 
 

@@ -1,4 +1,4 @@
-"""Health checks an operator runs: storage consistency between blob files and database rows."""
+"""The storage check: blob files against Blob rows, and blobs authenticated (all or a sample)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from onprem_label.db.models import Blob
+from onprem_label.health.findings import OK, PROBLEM, WARNING, Finding
 from onprem_label.storage import BlobNotFound, EncryptedBlobStore, IntegrityError
+
+CHECK = "storage"
 
 
 @dataclass
@@ -21,6 +24,7 @@ class StorageReport:
     missing_blobs: list[str] = field(default_factory=list)
     corrupt_blobs: list[tuple[str, str]] = field(default_factory=list)
     checked: int = 0
+    stored: int = 0
     removed_temp: int = 0
 
     @property
@@ -36,6 +40,25 @@ class StorageReport:
         out += [f"database row with no blob: {b}" for b in self.missing_blobs]
         out += [f"blob fails authentication: {b} ({why})" for b, why in self.corrupt_blobs]
         return out
+
+    def findings(self, sampled: bool) -> list[Finding]:
+        """The report as doctor findings: one per fault, or one ok line.
+
+        Temp leftovers and blobs without a row are warnings: a running server has both for a
+        moment while it writes (the file is renamed into place before its row commits). A row
+        without its blob and a blob that fails authentication are problems: data is lost.
+        """
+        out = [Finding(CHECK, WARNING, f"temp leftover: {name}") for name in self.temp_leftovers]
+        out += [Finding(CHECK, WARNING, f"blob with no database row: {b}") for b in self.orphan_blobs]
+        out += [Finding(CHECK, PROBLEM, f"database row with no blob: {b}") for b in self.missing_blobs]
+        out += [Finding(CHECK, PROBLEM, f"blob fails authentication: {b} ({why})") for b, why in self.corrupt_blobs]
+        if self.removed_temp:
+            out.insert(0, Finding(CHECK, OK, f"removed {self.removed_temp} temp leftovers (--repair)"))
+        if not self.ok:
+            return out
+        which = (f"a random sample of {self.checked} of {self.stored} blobs authenticated ('--storage' checks all)"
+                 if sampled and self.checked < self.stored else f"{self.checked} blobs authenticated")
+        return out + [Finding(CHECK, OK, f"{which}; every blob file has its row and every row its file")]
 
 
 def check_storage(db: Session, store: EncryptedBlobStore, *, sample: int | None = None,
@@ -65,6 +88,7 @@ def check_storage(db: Session, store: EncryptedBlobStore, *, sample: int | None 
     report.orphan_blobs = sorted(on_disk - in_db)
     report.missing_blobs = sorted(in_db - on_disk)
     to_check = sorted(on_disk)
+    report.stored = len(to_check)
     if sample is not None and sample < len(to_check):
         to_check = sorted(random.Random(seed).sample(to_check, sample))
     for blob_id in to_check:
