@@ -102,6 +102,7 @@ def database_url(backend, request, tmp_path):
         path = tmp_path / "data" / "onprem-label.db"
         path.parent.mkdir(mode=0o700, exist_ok=True)
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        path.chmod(0o600)  # as `init` makes it (the copy would follow the umask)
         yield ""  # the default: SQLite inside the data directory
         return
     admin, template = request.getfixturevalue("pg_template")

@@ -1,10 +1,12 @@
-"""`doctor --storage` and check_storage on SQLite and PostgreSQL; key faults stop key and doctor commands."""
+"""`doctor`'s storage check and check_storage on SQLite and PostgreSQL; key faults stop key commands, doctor reports them."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +19,15 @@ from onprem_label.clock import utcnow
 from onprem_label.config import ENV_PREFIX, load_settings
 from onprem_label.db import make_engine, make_sessionmaker
 from onprem_label.db.models import AuditEvent, Blob
-from onprem_label.doctor import check_storage
+from onprem_label.health.doctor import DEFAULT_SAMPLE
+from onprem_label.health.storage import check_storage
 from onprem_label.storage import EncryptedBlobStore, init_keyring, open_keyring, open_store
 from onprem_label.storage import format as fmt
 from onprem_label.storage.keys import create_key_file
 
-STANDARD_LINES = ("settings: ok", "master key: ok (", "database: at head", "storage: ", "removed ")
-FINDING_PREFIXES = ("temp leftover: ", "blob with no database row: ", "database row with no blob: ",
-                    "blob fails authentication: ")
+LINE_RE = re.compile(r"(ok|warning|problem|skipped) +([a-z]+) +(\S.*)")
+FAULT_PREFIXES = ("temp leftover: ", "blob with no database row: ", "database row with no blob: ",
+                  "blob fails authentication: ")
 
 
 @pytest.fixture(autouse=True)
@@ -131,18 +134,37 @@ def plant_corrupt(site: Site) -> str:
     return blob_id
 
 
-PLANTERS = {"temp": (plant_temp, "temp leftover: {}"),
-            "orphan": (plant_orphan, "blob with no database row: {}"),
-            "missing": (plant_missing, "database row with no blob: {}"),
-            "corrupt": (plant_corrupt, "blob fails authentication: {} (chunk 0 fails authentication)")}
+# fault -> (planter, its finding's severity, its finding's text)
+PLANTERS = {"temp": (plant_temp, "warning", "temp leftover: {}"),
+            "orphan": (plant_orphan, "warning", "blob with no database row: {}"),
+            "missing": (plant_missing, "problem", "database row with no blob: {}"),
+            "corrupt": (plant_corrupt, "problem", "blob fails authentication: {} (chunk 0 fails authentication)")}
 
 
-def findings(result: Result) -> list[str]:
-    """The finding lines of a doctor run; fails on any line that is neither finding nor standard."""
-    lines = result.stdout.splitlines()
+def parse(result: Result) -> list[tuple[str, str, str]]:
+    """(severity, check, detail) of every line of a doctor run; fails on a line of any other form.
+
+    The last line is the summary; the JSON output (checked against the lines) must say the same.
+    """
+    *lines, summary = result.stdout.splitlines()
+    assert summary.startswith("doctor: "), summary
+    parsed = []
     for line in lines:
-        assert line.startswith(STANDARD_LINES + FINDING_PREFIXES), line
-    return [line for line in lines if line.startswith(FINDING_PREFIXES)]
+        match = LINE_RE.fullmatch(line)
+        assert match, line
+        parsed.append(match.groups())
+    return parsed
+
+
+def storage_findings(result: Result) -> list[tuple[str, str]]:
+    """(severity, detail) of the storage check's fault lines."""
+    return [(sev, detail) for sev, check, detail in parse(result)
+            if check == "storage" and detail.startswith(FAULT_PREFIXES)]
+
+
+def storage_lines(result: Result) -> list[tuple[str, str]]:
+    """(severity, detail) of every line of the storage check."""
+    return [(sev, detail) for sev, check, detail in parse(result) if check == "storage"]
 
 
 def blob_tree(site: Site) -> dict[str, str]:
@@ -152,64 +174,81 @@ def blob_tree(site: Site) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# --- doctor --storage ------------------------------------------------------------------------
+# --- doctor's storage check ------------------------------------------------------------------
 
 def test_clean_store_has_no_findings(site):
-    """Blobs with matching rows: no finding, every blob authenticated, exit 0."""
+    """Blobs with matching rows: one ok line, every blob authenticated, exit 0."""
     site.put(b"")  # the empty blob is a blob too
     result = site.run("doctor", "--storage")
     assert result.exit_code == 0, result.output
-    assert findings(result) == []
-    assert result.stdout.splitlines()[-1] == "storage: 4 blobs authenticated, no faults"
+    assert storage_lines(result) == [
+        ("ok", "4 blobs authenticated; every blob file has its row and every row its file")]
+    assert result.stdout.splitlines()[-1] == "doctor: every check ok"
     assert result.stderr == ""
 
 
-def test_doctor_without_storage_does_not_scan_blobs(site):
-    """Plain `doctor` checks settings, key and database, and does not look at blobs."""
-    plant_corrupt(site)
+def test_plain_doctor_authenticates_a_sample(site):
+    """Without --storage, doctor authenticates a random sample of blobs (and compares every file with every row)."""
+    for n in range(DEFAULT_SAMPLE + 2 - 3):
+        site.put(os.urandom(20 + n))
     result = site.run("doctor")
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == ["settings: ok",
-                                          f"master key: ok ({open_keyring(site.settings).current_id.hex()})",
-                                          "database: at head"]
+    assert storage_lines(result) == [
+        ("ok", f"a random sample of {DEFAULT_SAMPLE} of {DEFAULT_SAMPLE + 2} blobs authenticated ('--storage' "
+               "checks all); every blob file has its row and every row its file")]
+    missing = plant_missing(site)
+    again = site.run("doctor")
+    assert again.exit_code == 2 and storage_findings(again) == [("problem", f"database row with no blob: {missing}")]
 
 
 @pytest.mark.parametrize("fault", sorted(PLANTERS))
 def test_each_planted_fault_is_reported(site, fault):
-    """One planted fault: exit 1, exactly one finding line naming it, and nothing else flagged."""
-    plant, line = PLANTERS[fault]
+    """One planted fault: exactly one storage line naming it; a warning exits 1, a problem 2."""
+    plant, severity, line = PLANTERS[fault]
     name = plant(site)
     result = site.run("doctor", "--storage")
-    assert result.exit_code == 1, result.output
-    assert findings(result) == [line.format(name)]
-    assert result.stdout.splitlines()[-1].endswith(", 1 faults")
+    assert result.exit_code == {"warning": 1, "problem": 2}[severity], result.output
+    assert storage_lines(result) == [(severity, line.format(name))]
+    assert result.stdout.splitlines()[-1] == f"doctor: 1 {severity}"
 
 
 def test_all_faults_at_once(site):
-    """Every kind of fault planted together: one line each, exit 1, files and rows untouched."""
-    planted = {fault: plant(site) for fault, (plant, _line) in PLANTERS.items()}
+    """Every kind of fault planted together: one line each, exit 2, files and rows untouched."""
+    planted = {fault: plant(site) for fault, (plant, _sev, _line) in PLANTERS.items()}
     before, rows = blob_tree(site), site.rows()
     result = site.run("doctor", "--storage")
-    assert result.exit_code == 1, result.output
-    assert sorted(findings(result)) == sorted(PLANTERS[f][1].format(n) for f, n in planted.items())
-    assert result.stdout.splitlines()[-1] == "storage: 5 blobs authenticated, 4 faults"
+    assert result.exit_code == 2, result.output
+    assert sorted(storage_lines(result)) == sorted((PLANTERS[f][1], PLANTERS[f][2].format(n))
+                                                   for f, n in planted.items())
+    assert result.stdout.splitlines()[-1] == "doctor: 2 problems, 2 warnings"
     assert blob_tree(site) == before and site.rows() == rows
+
+
+def test_json_output_says_what_the_lines_say(site):
+    """--json: the same findings, the status and the exit code, for a monitoring system."""
+    plant_missing(site)
+    plant_temp(site)
+    text, data = site.run("doctor", "--storage"), site.run("doctor", "--storage", "--json")
+    assert data.exit_code == text.exit_code == 2
+    report = json.loads(data.stdout)
+    assert report["status"] == "problem" and report["exit_code"] == 2
+    assert [(f["severity"], f["check"], f["detail"]) for f in report["findings"]] == parse(text)
 
 
 def test_repair_removes_only_temp_leftovers(site):
     """--repair deletes the temp leftover, reports the other faults, and leaves files and rows alone."""
-    planted = {fault: plant(site) for fault, (plant, _line) in PLANTERS.items()}
+    planted = {fault: plant(site) for fault, (plant, _sev, _line) in PLANTERS.items()}
     before, rows = blob_tree(site), site.rows()
     result = site.run("doctor", "--storage", "--repair")
-    assert result.exit_code == 1, result.output
-    assert sorted(findings(result)) == sorted(PLANTERS[f][1].format(n) for f, n in planted.items()
-                                              if f != "temp")
-    assert "removed 1 temp leftovers" in result.stdout.splitlines()
+    assert result.exit_code == 2, result.output
+    assert sorted(storage_findings(result)) == sorted((PLANTERS[f][1], PLANTERS[f][2].format(n))
+                                                      for f, n in planted.items() if f != "temp")
+    assert ("ok", "removed 1 temp leftovers (--repair)") in storage_lines(result)
     assert blob_tree(site) == {k: v for k, v in before.items() if k != f"tmp/{planted['temp']}"}
     assert site.rows() == rows
     assert site.audit_actions()[-1] == "storage:repair"
     again = site.run("doctor", "--storage")
-    assert again.exit_code == 1 and not any(f.startswith("temp leftover") for f in findings(again))
+    assert again.exit_code == 2 and not any(d.startswith("temp leftover") for _s, d in storage_findings(again))
 
 
 def test_repair_of_only_temp_leftovers_exits_zero(site):
@@ -217,9 +256,17 @@ def test_repair_of_only_temp_leftovers_exits_zero(site):
     plant_temp(site)
     result = site.run("doctor", "--storage", "--repair")
     assert result.exit_code == 0, result.output
-    assert findings(result) == [] and "removed 1 temp leftovers" in result.stdout
+    assert storage_findings(result) == [] and "removed 1 temp leftovers" in result.stdout
     assert list(site.store().iter_temp()) == []
     assert site.run("doctor", "--storage").exit_code == 0
+
+
+def test_doctor_without_repair_writes_no_audit_event(site):
+    """doctor only reads: without --repair not even an audit event is written."""
+    plant_temp(site)
+    actions = site.audit_actions()
+    assert site.run("doctor", "--storage").exit_code == 1
+    assert site.audit_actions() == actions
 
 
 def test_repair_leaves_folders_and_links_under_tmp_alone(site):
@@ -234,10 +281,10 @@ def test_repair_leaves_folders_and_links_under_tmp_alone(site):
     (store.tmp_dir / "link.part").symlink_to(target)
     result = site.run("doctor", "--storage", "--repair")
     assert result.exit_code == 1, result.output
-    assert sorted(findings(result)) == [
-        "temp leftover: link.part (not a plain file; left alone)",
-        "temp leftover: someone-made-this (not a plain file; left alone)"]
-    assert "removed 1 temp leftovers" in result.stdout.splitlines()
+    assert sorted(storage_findings(result)) == [
+        ("warning", "temp leftover: link.part (not a plain file; left alone)"),
+        ("warning", "temp leftover: someone-made-this (not a plain file; left alone)")]
+    assert ("ok", "removed 1 temp leftovers (--repair)") in storage_lines(result)
     assert result.stderr == ""
     assert (folder / "inside" / "keep.txt").read_bytes() == b"keep"
     assert target.read_bytes() == b"precious" and (store.tmp_dir / "link.part").is_symlink()
@@ -247,13 +294,16 @@ def test_sample_authenticates_only_n_blobs(site):
     """--sample N authenticates N blobs; still compares every file with every row."""
     for n in range(5):
         site.put(os.urandom(50 + n))
-    missing = plant_missing(site)
     result = site.run("doctor", "--storage", "--sample", "2")
-    assert result.exit_code == 1, result.output
-    assert findings(result) == [f"database row with no blob: {missing}"]
-    assert result.stdout.splitlines()[-1] == "storage: 2 blobs authenticated, 1 faults"
+    assert result.exit_code == 0, result.output
+    assert storage_lines(result) == [("ok", "a random sample of 2 of 8 blobs authenticated ('--storage' checks all); "
+                                            "every blob file has its row and every row its file")]
+    missing = plant_missing(site)
+    result = site.run("doctor", "--sample", "2")
+    assert result.exit_code == 2, result.output
+    assert storage_findings(result) == [("problem", f"database row with no blob: {missing}")]
     bigger = site.run("doctor", "--storage", "--sample", "100")
-    assert bigger.stdout.splitlines()[-1] == "storage: 8 blobs authenticated, 1 faults"
+    assert bigger.exit_code == 2 and len(storage_findings(bigger)) == 1
 
 
 def _flip_header(path: Path) -> str:
@@ -294,8 +344,9 @@ def test_every_kind_of_damage_is_reported(site, damage):
     blob_id = site.put(os.urandom(3000))
     why = damage(site.store().path_of(blob_id))
     result = site.run("doctor", "--storage")
-    assert result.exit_code == 1, result.output
-    (line,) = findings(result)
+    assert result.exit_code == 2, result.output
+    ((severity, line),) = storage_findings(result)
+    assert severity == "problem"
     assert line.startswith(f"blob fails authentication: {blob_id} (") and why in line
 
 
@@ -307,7 +358,7 @@ def _check(site: Site, **kwargs):
 
 def test_check_storage_core(site):
     """check_storage fills each list exactly, and only `repair` removes anything (temp files)."""
-    planted = {fault: plant(site) for fault, (plant, _line) in PLANTERS.items()}
+    planted = {fault: plant(site) for fault, (plant, _sev, _line) in PLANTERS.items()}
     report = _check(site)
     assert not report.ok
     assert report.temp_leftovers == [planted["temp"]]
@@ -403,7 +454,7 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("fault", sorted(KEY_FAULTS))
 def test_key_fault_stops_command_and_writes_nothing(keyed, tmp_path, fault, command):
-    """Wrong, missing or unreadable master key: exit 1, one error line naming the key, no writes."""
+    """Wrong, missing or unreadable master key: key commands stop with one line, doctor reports it; no writes."""
     break_key, fragment = KEY_FAULTS[fault]
     key_path = keyed.settings.key_path
     plant_temp(keyed)  # something --repair would delete if it got that far
@@ -416,11 +467,21 @@ def test_key_fault_stops_command_and_writes_nothing(keyed, tmp_path, fault, comm
     finally:
         if key_path.is_file():
             key_path.chmod(0o600)  # so pytest can clean up
-    assert result.exit_code == 1, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and fragment in lines[0] and str(key_path) in lines[0]
-    # doctor reports its checks as it goes: the settings passed before the key failed.
-    assert result.stdout == ("settings: ok\n" if command.startswith("doctor") else "")
+    if command.startswith("doctor"):
+        # doctor goes on past the key: it names the fault and skips what needs the key.
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert result.stderr == ""
+        found = parse(result)
+        (key_line,) = [(sev, detail) for sev, check, detail in found if check == "key"]
+        assert key_line[0] == "problem" and fragment in key_line[1] and str(key_path) in key_line[1]
+        assert ("skipped", "storage", "skipped: no master key") in found
+        assert ("skipped", "audit", "skipped: no master key") in found
+        assert any(check == "database" and sev == "ok" for sev, check, _d in found)
+    else:
+        assert result.exit_code == 1, (result.output, result.exception)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: ") and fragment in lines[0] and str(key_path) in lines[0]
+        assert result.stdout == ""
     assert after == before
     assert keyed.rows() == rows and keyed.audit_actions() == actions

@@ -704,7 +704,7 @@ def test_key_status_with_an_unparseable_blob_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("command", [("key", "status"), ("key", "rotate"), ("doctor",)])
 def test_current_key_missing_mid_rotation_is_named(tmp_path, sqlite_template, command):
-    """Mid-rotation with the old key file gone: one line saying it is missing, and no writes."""
+    """Mid-rotation with the old key file gone: one line saying it is missing (doctor: a finding), and no writes."""
     settings, contents = make_site(tmp_path / "data", 5)
     add_database(settings, sqlite_template)
     with pytest.raises(Crash), crash_after_rewraps(2):
@@ -712,8 +712,13 @@ def test_current_key_missing_mid_rotation_is_named(tmp_path, sqlite_template, co
     settings.key_path.unlink()
     before = snapshot(tmp_path)
     result = run_cli(settings.data_path, *command)
-    assert result.exit_code == 1, (result.output, result.exception)
-    (line,) = result.stderr.strip().splitlines()
-    assert line == (f"error: master key file {settings.key_path} not found (run 'onprem-label init', "
-                    "or set key_file to where the key is kept)")
+    message = (f"master key file {settings.key_path} not found (run 'onprem-label init', "
+               "or set key_file to where the key is kept)")
+    if command == ("doctor",):  # doctor reports it among its other checks, exit 2 (a problem)
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert f"problem  key          {message}" in result.stdout.splitlines()
+    else:
+        assert result.exit_code == 1, (result.output, result.exception)
+        (line,) = result.stderr.strip().splitlines()
+        assert line == f"error: {message}"
     assert snapshot(tmp_path) == before
