@@ -288,6 +288,8 @@ def db_upgrade(ctx: click.Context) -> None:
     settings = settings_from(ctx.parent)
     with _any_revision_engine(ctx) as engine:
         before = migrate.current_revision(engine)
+        if before is not None and not migrate.known_revision(engine, before):
+            raise CliError(migrate.schema_status(engine)[1])  # newer than this code: nothing to apply
         # The key seals audit events written before the chain existed (revision 0005).
         keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
         migrate.upgrade(engine, audit_seal=chain.legacy_sealer(chain.audit_key(keyring)))

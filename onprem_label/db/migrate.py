@@ -49,14 +49,14 @@ def schema_status(engine: Engine) -> tuple[bool, str]:
     current, head = current_revision(engine), head_revision(engine)
     if current == head:
         return True, f"database at head ({head})"
-    if current is not None and not _known_revision(engine, current):
+    if current is not None and not known_revision(engine, current):
         return False, (f"database is at revision {current}, newer than this version of "
                        f"onprem-label knows (head {head}); upgrade the software")
     return False, (f"database is at revision {current or 'none (empty)'}, not at head {head}; "
                    f"run '{UPGRADE_COMMAND}'")
 
 
-def _known_revision(engine: Engine, revision: str) -> bool:
+def known_revision(engine: Engine, revision: str) -> bool:
     """True when the installed code has a migration with this id."""
     script = ScriptDirectory.from_config(alembic_config(engine))
     try:

@@ -83,11 +83,11 @@ def _spell(ts: datetime) -> str:
 
 
 def _span(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
+    seconds = delta.total_seconds()
     if seconds < 120:
-        return f"{seconds} s"
+        return f"{round(seconds)} s"
     if seconds < 7200:
-        return f"{seconds // 60} min"
+        return f"{round(seconds / 60)} min"
     if seconds < 172800:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} days"
+        return f"{round(seconds / 3600)} h"
+    return f"{round(seconds / 86400)} days"
