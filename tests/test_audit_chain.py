@@ -267,6 +267,41 @@ def test_tampering_names_the_first_bad_event(site, how):
     assert (result.problem.kind, result.problem.event_id) == (kind, first_bad), result.problem
 
 
+# What the cheap walk (since the newest checkpoint, at 21) catches of TAMPERING, and where; None: left to a full walk.
+SINCE_CHECKPOINT = {"edit a field": None, "edit the details": None, "delete a row": None, "delete a range": None,
+                    "insert a forged row": ("edited", 26), "swap two rows": ("edited", 12),
+                    "truncate the tail after a checkpoint": ("truncated", 16),
+                    "rebuild the chain with a wrong key": ("edited", 12)}
+
+
+@pytest.mark.parametrize("how", TAMPERING)
+def test_walk_since_the_newest_checkpoint(site, how):
+    """since_checkpoint walks the events after the newest checkpoint and checks the events checkpoints name."""
+    engine, maker, chain = site
+    add_events(maker, 25, per_commit=3)
+    with read_connection(engine) as conn:
+        clean = verify_chain(conn, chain, since_checkpoint=True)
+    assert clean.ok and (clean.first_id, clean.last_id, clean.events, clean.checkpoints) == (22, 25, 4, 2)
+    TAMPERING[how][0](engine)
+    with read_connection(engine) as conn:
+        result = verify_chain(conn, chain, since_checkpoint=True)
+    expected = SINCE_CHECKPOINT[how]
+    if expected is None:
+        assert result.ok and not verify(engine, chain).ok  # the full walk still catches it
+    else:
+        assert (result.problem.kind, result.problem.event_id) == expected, result.problem
+
+
+def test_walk_since_a_checkpoint_at_the_head(site):
+    """A checkpoint at the last event: nothing to walk, the head is the checkpoint's, and it is checked."""
+    engine, maker, chain = site
+    add_events(maker, 20)  # a checkpoint at 20, the last event
+    with read_connection(engine) as conn:
+        result = verify_chain(conn, chain, since_checkpoint=True)
+        full = verify_chain(conn, chain)
+    assert result.ok and result.events == 0 and (result.last_id, result.head) == (full.last_id, full.head)
+
+
 def test_moving_an_event_away_is_caught_where_it_left(site):
     """An event moved to another id leaves a hole that verify names."""
     engine, maker, chain = site
