@@ -689,6 +689,22 @@ def test_damaged_blob_stops_key_rotate_with_one_line_naming_it(tmp_path, sqlite_
     assert assert_rotated_to_new_key_only(settings, good)
 
 
+def test_doctor_warns_of_an_unfinished_rotation(tmp_path, sqlite_template):
+    """Mid-rotation (both keys present): doctor's key check is a warning naming `key rotate`; every blob opens."""
+    settings, contents = make_site(tmp_path / "data", 5)
+    add_database(settings, sqlite_template)
+    with pytest.raises(Crash), crash_after_rewraps(2):
+        rotate(settings)
+    result = run_cli(settings.data_path, "doctor", "--json", "--storage")
+    report = json.loads(result.stdout)
+    key = [f for f in report["findings"] if f["check"] == "key"]
+    assert [f["severity"] for f in key] == ["warning"]
+    assert "a key rotation is under way" in key[0]["detail"] and "onprem-label key rotate" in key[0]["detail"]
+    # (make_site stores blobs without rows: those are warnings; none fails authentication.)
+    storage = [f for f in report["findings"] if f["check"] == "storage"]
+    assert len(storage) == 5 and all(f["detail"].startswith("blob with no database row: ") for f in storage)
+
+
 def test_key_status_with_an_unparseable_blob_is_one_line(tmp_path):
     """A blob file cut shorter than its header stops `key status` with one line naming it."""
     settings, contents = make_site(tmp_path / "data", 3)

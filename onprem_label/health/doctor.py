@@ -74,14 +74,14 @@ def run_doctor(load: Callable[[], Settings], passphrase: Callable[[Settings], st
     out += database_findings
     try:
         why = "no master key" if keyring is None else None
-        why = why or ("the database is not at head" if engine is None else None)
+        why = why or ("the database check failed" if engine is None else None)
         if why:
             out += [skipped(name, why) for name in ("storage", "audit")]
         else:
             out += _guard("storage", lambda: _storage(settings, keyring, engine, options, report))
             out += _guard("audit", lambda: _audit(settings, keyring, engine, options))
         if engine is None:
-            out.append(skipped("clock", "the database is not at head"))
+            out.append(skipped("clock", "the database check failed"))
         else:
             out += _guard("clock", lambda: _clock(engine, now()))
     finally:
