@@ -292,6 +292,16 @@ def test_walk_since_the_newest_checkpoint(site, how):
         assert (result.problem.kind, result.problem.event_id) == expected, result.problem
 
 
+def test_walk_since_the_newest_checkpoint_misses_no_event_a_checkpoint_names(site):
+    """An event that an older checkpoint names, deleted: the cheap walk names it missing."""
+    engine, maker, chain = site
+    add_events(maker, 25, per_commit=3)  # checkpoints at 12 and 21
+    tamper(engine, "DELETE FROM audit_events WHERE id = 12")
+    with read_connection(engine) as conn:
+        result = verify_chain(conn, chain, since_checkpoint=True)
+    assert (result.problem.kind, result.problem.event_id) == ("missing", 12)
+
+
 def test_walk_since_a_checkpoint_at_the_head(site):
     """A checkpoint at the last event: nothing to walk, the head is the checkpoint's, and it is checked."""
     engine, maker, chain = site
@@ -409,7 +419,12 @@ def test_archive_moves_old_events_into_a_sealed_file_that_still_verifies(site, t
         second = archive_before(db, T0 + timedelta(seconds=20), tmp_path / "archive", now=T0 + timedelta(days=2))
     assert (second.first_id, second.last_id) == (13, 20)
     assert verify_archive(second.path, KEY, start_id=13, start_prev=archived.head).ok
-    assert verify(engine, chain).ok
+    full = verify(engine, chain)
+    assert full.ok
+    # The cheap walk (doctor's) starts after the anchor or the newest checkpoint, whichever is later.
+    with read_connection(engine) as conn:
+        cheap = verify_chain(conn, chain, since_checkpoint=True)
+    assert cheap.ok and (cheap.last_id, cheap.head) == (full.last_id, full.head), cheap.problem
 
 
 def test_an_altered_or_cut_archive_file_fails(site, tmp_path):

@@ -163,9 +163,13 @@ def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] 
         if newest.count >= start_id:
             problem, seen_before = _check_named_events(conn, key, sorted(want))
             if problem is not None:
-                result = VerifyResult(problem=problem, warnings=warnings, checkpoints=len(valid))
-                return result
+                return VerifyResult(problem=problem, warnings=warnings, checkpoints=len(valid))
             if newest.count in seen_before:  # (else the checkpoint saw more than the log holds)
+                gone = [i for i in sorted(want) if i not in seen_before]
+                if gone:  # an event a checkpoint names is not there, though the newest one's is
+                    return VerifyResult(problem=Problem("missing", gone[0], f"event {gone[0]}, which a "
+                                                        "checkpoint names, is missing (deleted)"),
+                                        warnings=warnings, checkpoints=len(valid))
                 start_id, start_prev, after = newest.count + 1, newest.head, newest.count
     # Plain DB-API rows (SQLAlchemy's per-row processing would double the time of a million-event
     # walk); a server-side cursor on PostgreSQL, closed even when the walk stops at a bad event.
@@ -178,11 +182,12 @@ def verify_database(conn: Connection, key: bytes, checkpoints: list[Checkpoint] 
     finally:
         cursor.close()
     seen = {**seen_before, **seen}
-    if result.problem is None and result.events == 0 and after in seen_before:
-        result.last_id, result.head = after, seen_before[after]  # nothing after the checkpoint
     result.warnings = warnings
-    if result.problem is None and result.events == 0 and anchor is not None:
-        result.last_id, result.head = anchor.last_id, anchor.last_hash
+    if result.problem is None and result.events == 0:
+        if after in seen_before:  # nothing after the newest checkpoint: the chain ends in its event
+            result.last_id, result.head = after, seen_before[after]
+        elif anchor is not None:
+            result.last_id, result.head = anchor.last_id, anchor.last_hash
     if result.problem is None:
         result.problem = _check_checkpoints(valid, result, seen, anchor)
     result.checkpoints = len(valid)
