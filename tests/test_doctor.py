@@ -232,7 +232,11 @@ def test_json_output_says_what_the_lines_say(site):
     assert data.exit_code == text.exit_code == 2
     report = json.loads(data.stdout)
     assert report["status"] == "problem" and report["exit_code"] == 2
-    assert [(f["severity"], f["check"], f["detail"]) for f in report["findings"]] == parse(text)
+    # (The clock's time and the free space move between the two runs.)
+    def steady(found):
+        return [(sev, check, "" if check in ("clock", "disk") else detail) for sev, check, detail in found]
+
+    assert steady((f["severity"], f["check"], f["detail"]) for f in report["findings"]) == steady(parse(text))
 
 
 def test_repair_removes_only_temp_leftovers(site):
