@@ -256,6 +256,15 @@ def test_missing_key_is_reported_and_what_needs_it_skipped(site):
     assert [sev for _s, sev, _d in found if _s in ("settings", "database", "clock", "disk")] == ["ok"] * 4
 
 
+def test_passphrase_key_without_a_passphrase_is_a_finding(site):
+    """key_source = passphrase, no passphrase given and no terminal to ask on: a key problem, not a prompt or a crash."""
+    code, found = site.doctor(env={f"{ENV_PREFIX}KEY_SOURCE": "passphrase"})
+    assert code == 2
+    assert by_check(found, "key") == [("problem", "key_source is 'passphrase': set ONPREM_LABEL_KEY_PASSPHRASE "
+                                                  "(no terminal to ask on)")]
+    assert by_check(found, "audit") == [("skipped", "skipped: no master key")]
+
+
 def test_invalid_settings_are_reported_and_the_rest_skipped(site):
     """A bad value in the config file: a settings problem naming it; every other check says it skipped."""
     (site.data / "onprem-label.toml").write_text('port = "eighty"\n')
