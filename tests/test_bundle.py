@@ -125,7 +125,7 @@ def bundle(archive, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(bundle, tmp_path_factory) -> dict:
-    """install.sh --venv-only into a new venv, offline: the venv, its rendered unit and install.sh's output."""
+    """install.sh --venv-only into a new venv, offline: the venv, its rendered unit, the output."""
     home = tmp_path_factory.mktemp("site")
     venv, unit = home / "venv", home / "onprem-label.service"
     result = _install(bundle, venv, "--unit-out", unit, cwd=home)
@@ -159,7 +159,7 @@ def test_archive_is_named_for_its_target_and_holds_one_folder_of_that_name(archi
 
 
 def test_bundle_holds_wheels_scripts_unit_configs_and_guide(bundle):
-    """The project's wheel, binary wheels for every dependency (PostgreSQL's too), install.sh, unit, configs, guide."""
+    """The project's wheel, each dependency's wheel (PostgreSQL's too), scripts, unit, configs, guide."""
     wheels = sorted(p.name for p in (bundle / "wheels").iterdir())
     assert all(name.endswith(".whl") for name in wheels), wheels
     assert [w for w in wheels if w.startswith("onprem_label-")] and \
@@ -250,7 +250,7 @@ def _forged_listing(copy: Path) -> str:
 @pytest.mark.parametrize("tamper", [_changed_wheel, _changed_script, _missing_wheel, _extra_wheel,
                                     _forged_listing])
 def test_tampered_bundle_stops_install_before_anything_is_created(bundle, tmp_path, tamper):
-    """A changed, missing or unexpected file (or a SHA256SUMS line leaving the bundle) stops install.sh, venv never made."""
+    """A changed, missing or extra file, or a SHA256SUMS line leaving the bundle, stops install.sh."""
     copy = _tamper_copy(bundle, tmp_path)
     named = tamper(copy)
     venv = tmp_path / "venv"
@@ -290,7 +290,7 @@ def test_install_refuses_another_python_version_without_creating_anything(bundle
 # --- the installed server ---------------------------------------------------------------------
 
 def test_install_uses_the_bundle_alone_and_the_venv_is_consistent(installed, bundle, workdir):
-    """Every installed distribution came from a bundle wheel; pip check passes; the package loads from the venv."""
+    """Every installed distribution is a bundle wheel (setuptools gone); the package loads from the venv."""
     venv = installed["venv"]
     assert "bundle verified" in installed["result"].stdout
     env = user_env(venv)
@@ -358,7 +358,7 @@ def test_unit_passes_systemd_analyze_verify(installed):
 
 
 def test_unit_carries_the_hardening_and_its_exposure_score_stays_low(installed):
-    """The hardening directives are set, and `systemd-analyze security` scores the unit at most EXPOSURE_LIMIT."""
+    """The hardening directives are set; `systemd-analyze security` scores the unit <= EXPOSURE_LIMIT."""
     analyze = ensure_program("/usr/bin/systemd-analyze", "systemd")
     values = _unit_values(installed["unit"])
     for key, expected in HARDENING.items():
@@ -392,7 +392,7 @@ def _mdwe_available() -> None:
 
 
 def test_memory_deny_write_execute_holds_for_serve_sign_in_and_every_decoder(installed, workdir, tmp_path):
-    """Under PR_SET_MDWE (MemoryDenyWriteExecute=yes): serve and sign-in work, and ingest decodes as without it."""
+    """Under PR_SET_MDWE (MemoryDenyWriteExecute=yes): serve and sign-in work, ingest decodes as without."""
     _mdwe_available()
     venv = installed["venv"]
     env = user_env(venv)
