@@ -261,14 +261,22 @@ def test_tampered_bundle_stops_install_before_anything_is_created(bundle, tmp_pa
     assert not venv.exists(), "install.sh created the venv before it had verified the bundle"
 
 
+def _real_python(minor: str, cwd: Path) -> Path | None:
+    """A CPython `minor` (e.g. "3.12") that runs: pyenv's or on PATH; None when there is none."""
+    candidates = sorted(Path("/root/.pyenv/versions").glob(f"{minor}.*/bin/python{minor}"))
+    candidates += [Path(p) for p in [shutil.which(f"python{minor}")] if p]
+    for path in candidates:
+        probe = run([path, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"], cwd=cwd)
+        if probe.returncode == 0 and probe.stdout.strip() == minor:
+            return path
+    return None
+
+
 def _other_python(tmp_path: Path) -> Path:
     """A CPython of another minor version (pyenv's, when there), or a stand-in that answers like 3.10."""
     for minor in ("3.12", "3.11", "3.13", "3.10"):
-        if minor == PY:
-            continue
-        for path in sorted(Path("/root/.pyenv/versions").glob(f"{minor}.*/bin/python{minor}")):
-            if run([path, "-c", "pass"], cwd=tmp_path).returncode == 0:
-                return path
+        if minor != PY and (found := _real_python(minor, tmp_path)):
+            return found
     stand_in = tmp_path / "python3.10"
     stand_in.write_text('#!/bin/sh\necho "CPython 3.10 x86_64"\n')
     stand_in.chmod(0o755)
@@ -426,6 +434,45 @@ def test_memory_deny_write_execute_holds_for_serve_sign_in_and_every_decoder(ins
     port = free_port()
     log = workdir / "serve-mdwe.log"
     server = start_server([*guarded, "--data-dir", data, "serve", "--host", LOOPBACK, "--port", port],
+                          cwd=workdir, env=env, log=log)
+    try:
+        wait_healthy(f"http://{LOOPBACK}:{port}", server, log)
+        sign_in_and_change_password(Browser(f"http://{LOOPBACK}:{port}", server, log), username, password)
+    finally:
+        stop(server)
+
+
+def test_bundle_for_the_other_supported_python_installs_and_serves(tmp_path):
+    """The bundle built for the other supported CPython (3.12 beside 3.11) installs offline and signs in."""
+    other = "3.12" if PY == "3.11" else "3.11"
+    python = _real_python(other, tmp_path)
+    if python is None:
+        message = f"no CPython {other} on this machine to install its bundle with"
+        if under_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    out = tmp_path / "dist"
+    result = run([sys.executable, REPO / "installer" / "build-bundle", "--python-version", other,
+                  "--out", out], cwd=tmp_path, timeout=BUILD_TIMEOUT + INSTALL_TIMEOUT)
+    assert result.returncode == 0, explain(result)
+    archive = next(out.glob(f"*-cp{other.replace('.', '')}.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    bundle = next((tmp_path / "unpacked").iterdir())
+    venv = tmp_path / "venv"
+    result = run(["bash", bundle / "install.sh", "--venv-only", "--venv", venv, "--python", python],
+                 cwd=tmp_path, env=_offline_env(dict(os.environ)), timeout=INSTALL_TIMEOUT)
+    assert result.returncode == 0, explain(result)
+    assert (venv / "lib" / f"python{other}" / "site-packages" / "onprem_label").is_dir()
+
+    env = user_env(venv)
+    exe = venv / "bin" / "onprem-label"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    username, password = init_admin(exe, workdir / "data", cwd=workdir, env=env)
+    port = free_port()
+    log = workdir / "serve.log"
+    server = start_server([exe, "--data-dir", workdir / "data", "serve", "--host", LOOPBACK, "--port", port],
                           cwd=workdir, env=env, log=log)
     try:
         wait_healthy(f"http://{LOOPBACK}:{port}", server, log)
