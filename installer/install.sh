@@ -116,6 +116,8 @@ check_python() {
 }
 
 install_venv() {
+    # The code is no secret, and the service user must read it whatever root's umask is.
+    umask 022
     if [ -e "$venv" ]; then
         [ -x "$venv/bin/python" ] || die "$venv exists and is not a virtualenv; choose another --venv"
         local inside
@@ -188,7 +190,9 @@ install_service() {
     say "installed $UNIT_PATH (not enabled, not started)"
     cat > "$WRAPPER_PATH.tmp" <<EOF
 #!/bin/sh
-# onprem-label as its service user on its data directory (written by install.sh).
+# onprem-label as its service user on its data directory (written by install.sh); the umask
+# is the unit's, so what init, restore or key rotate write is the service user's alone.
+umask 077
 cd / && exec runuser -u $SERVICE_USER -- env ONPREM_LABEL_DATA_DIR=$data_dir $venv/bin/onprem-label "\$@"
 EOF
     chmod 0755 "$WRAPPER_PATH.tmp"

@@ -479,3 +479,89 @@ def test_bundle_for_the_other_supported_python_installs_and_serves(tmp_path):
         sign_in_and_change_password(Browser(f"http://{LOOPBACK}:{port}", server, log), username, password)
     finally:
         stop(server)
+
+
+# Runs in a private mount namespace as root: /etc, /var, /opt and /usr/local are overlays whose
+# writes land in $ROOT, so install.sh's user, directories, key, unit and wrapper never reach the
+# machine. It installs as on a real server, runs init through the wrapper, then serve as the user.
+SYSTEM_INSTALL = r"""
+set -euo pipefail
+for dir in /etc /var /opt /usr/local; do
+    name="$(printf '%s' "$dir" | tr / _)"
+    mkdir -p "$ROOT/upper$name" "$ROOT/work$name"
+    mount -t overlay overlay -o "lowerdir=$dir,upperdir=$ROOT/upper$name,workdir=$ROOT/work$name" "$dir"
+done
+for run in install install-again; do
+    if ! bash "$BUNDLE/install.sh" --python "$PYTHON" > "$ROOT/$run.out" 2>&1; then
+        cat "$ROOT/$run.out" >&2
+        exit 3
+    fi
+done
+stat -c '%n %U %G %a %F' /var/lib/onprem-label /var/lib/onprem-label.key /etc/onprem-label \
+    /etc/onprem-label/onprem-label.toml /var/lib/onprem-label/onprem-label.toml \
+    /etc/systemd/system/onprem-label.service /usr/local/sbin/onprem-label > "$ROOT/stat.out"
+readlink /var/lib/onprem-label/onprem-label.toml > "$ROOT/link.out"
+getent passwd onprem-label > "$ROOT/passwd.out"
+cp /etc/systemd/system/onprem-label.service "$ROOT/unit.out"
+/usr/local/sbin/onprem-label init > "$ROOT/init.out" 2>&1 || { cat "$ROOT/init.out" >&2; exit 5; }
+exec runuser -u onprem-label -- /opt/onprem-label/venv/bin/onprem-label --data-dir /var/lib/onprem-label \
+    serve --host 127.0.0.1 --port "$PORT"
+"""
+
+
+def _system_python() -> Path | None:
+    """A CPython of this test's version outside /root (the service user must be able to run it)."""
+    for path in (Path(f"/usr/bin/python{PY}"), Path(f"/usr/local/bin/python{PY}")):
+        if path.exists() and run([path, "-c", "import ensurepip, venv"], cwd=Path("/")).returncode == 0:
+            return path
+    return None
+
+
+def test_install_as_root_sets_up_user_directories_key_config_unit_and_runs_as_the_user(bundle, tmp_path):
+    """As root (writes kept in overlays): user, 0700 data dir, 0600 key, config, unit; init and serve work."""
+    python = _system_python()
+    unshare = shutil.which("unshare")
+    missing = ("not root" if os.geteuid() != 0 else None) or \
+        (f"no CPython {PY} outside /root with venv" if python is None else None) or \
+        ("no unshare" if unshare is None else None)
+    if missing:
+        if under_ci():
+            pytest.fail(f"cannot try the root install: {missing}")
+        pytest.skip(f"cannot try the root install: {missing}")
+    root = tmp_path / "root"
+    root.mkdir()
+    port = free_port()
+    log = tmp_path / "system.log"
+    env = {**_offline_env(dict(os.environ)), "ROOT": str(root), "BUNDLE": str(bundle),
+           "PYTHON": str(python), "PORT": str(port)}
+    server = start_server([unshare, "--mount", "--propagation", "private", "bash", "-c", SYSTEM_INSTALL],
+                          cwd=tmp_path, env=env, log=log)
+    try:
+        wait_healthy(f"http://{LOOPBACK}:{port}", server, log)
+        stats = {line.split()[0]: line.split()[1:] for line in (root / "stat.out").read_text().splitlines()}
+        assert stats["/var/lib/onprem-label"][:3] == ["onprem-label", "onprem-label", "700"], stats
+        assert stats["/var/lib/onprem-label.key"][:3] == ["onprem-label", "onprem-label", "600"], stats
+        assert stats["/etc/onprem-label"][:3] == ["root", "onprem-label", "750"], stats
+        assert stats["/etc/onprem-label/onprem-label.toml"][:3] == ["root", "onprem-label", "640"], stats
+        assert stats["/var/lib/onprem-label/onprem-label.toml"][3] == "symbolic", stats
+        assert stats["/etc/systemd/system/onprem-label.service"][:3] == ["root", "root", "644"], stats
+        assert stats["/usr/local/sbin/onprem-label"][:3] == ["root", "root", "755"], stats
+        assert (root / "link.out").read_text().strip() == "/etc/onprem-label/onprem-label.toml"
+        passwd = (root / "passwd.out").read_text().strip().split(":")
+        assert passwd[0] == "onprem-label" and passwd[5] == "/var/lib/onprem-label" and \
+            passwd[6].endswith("nologin"), passwd
+        unit = (root / "unit.out").read_text()
+        assert unit == (bundle / "systemd" / "onprem-label.service").read_text()
+        again = (root / "install-again.out").read_text()
+        assert "upgrading the virtualenv /opt/onprem-label/venv" in again and "created" not in again, again
+
+        init = (root / "init.out").read_text()
+        username = re.search(r"^admin username: (\S+)$", init, re.M).group(1)
+        password = re.search(r"^admin one-time password: (\S+)$", init, re.M).group(1)
+        sign_in_and_change_password(Browser(f"http://{LOOPBACK}:{port}", server, log), username, password)
+        # What the user-run server and init wrote stays theirs alone (the upper layer holds it).
+        database = root / "upper_var" / "lib" / "onprem-label" / "onprem-label.db"
+        assert database.is_file() and database.stat().st_mode & 0o077 == 0, oct(database.stat().st_mode)
+        assert database.stat().st_uid == int(passwd[2])
+    finally:
+        stop(server)
