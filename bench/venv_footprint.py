@@ -51,16 +51,22 @@ def install(archive: Path, work: Path, python: str, postgres: bool) -> Path:
     return venv
 
 
-def sizes(paths) -> tuple[int, int]:
-    """(apparent bytes, bytes of allocated disk blocks) of the regular files among `paths`."""
+def sizes(paths, seen: set | None = None) -> tuple[int, int]:
+    """(apparent bytes, bytes of allocated disk blocks) of the regular files among `paths`.
+
+    A file with several names (install.sh hard-links identical files) counts once, as du does;
+    `seen` carries the inodes already counted across calls.
+    """
     apparent = blocks = 0
+    seen = set() if seen is None else seen
     for path in paths:
         try:
             st = path.lstat()
         except FileNotFoundError:
             continue
-        if path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file() or (st.st_dev, st.st_ino) in seen:
             continue
+        seen.add((st.st_dev, st.st_ino))
         apparent += st.st_size
         blocks += st.st_blocks * 512
     return apparent, blocks
@@ -70,6 +76,7 @@ def per_distribution(venv: Path) -> list[tuple[str, int, int]]:
     """(name, apparent bytes, of which .pyc) for every distribution in the venv, by its RECORD."""
     site = next((venv / "lib").glob("python*/site-packages"))
     rows = []
+    seen: set = set()
     for record in site.glob("*.dist-info/RECORD"):
         name = record.parent.name.removesuffix(".dist-info")
         files = []
@@ -77,8 +84,8 @@ def per_distribution(venv: Path) -> list[tuple[str, int, int]]:
             for row in csv.reader(fh):
                 if row:
                     files.append((site / row[0]).resolve())
-        total, _ = sizes(files)
-        pyc, _ = sizes(f for f in files if f.suffix == ".pyc")
+        pyc, _ = sizes([f for f in files if f.suffix == ".pyc"], set(seen))
+        total, _ = sizes(files, seen)
         rows.append((name, total, pyc))
     return sorted(rows, key=lambda r: -r[1])
 

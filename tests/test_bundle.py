@@ -317,6 +317,10 @@ def test_install_uses_the_bundle_alone_and_the_venv_is_consistent(installed, bun
         assert wheel_names.get(name) == version, f"{name} {version} is not a bundle wheel"
     assert "onprem_label" in installed_names and "psycopg_binary" not in installed_names
     assert "setuptools" not in installed_names, "ensurepip's setuptools (unused at run time) was kept"
+    copies = sorted(next((venv / "lib").glob("python*/site-packages/_gdcm")).glob("libgdcmMSFF.so*"))
+    assert len(copies) >= 2 and len({p.stat().st_ino for p in copies}) == 1, \
+        f"python-gdcm's identical libraries are not hard-linked: {copies}"
+    assert "hard-linked" in installed["result"].stdout
     probe = run([venv / "bin" / "python", "-c", "import onprem_label; print(onprem_label.__file__)"],
                 cwd=workdir, env=env)
     assert probe.returncode == 0 and Path(probe.stdout.strip()).resolve().is_relative_to(venv.resolve()), \
@@ -481,16 +485,19 @@ def test_bundle_for_the_other_supported_python_installs_and_serves(tmp_path):
         stop(server)
 
 
-# Runs in a private mount namespace as root: /etc, /var, /opt and /usr/local are overlays whose
-# writes land in $ROOT, so install.sh's user, directories, key, unit and wrapper never reach the
-# machine. It installs as on a real server, runs init through the wrapper, then serve as the user.
-SYSTEM_INSTALL = r"""
+# Run in a private mount namespace as root: /etc, /var, /opt and /usr/local are overlays whose
+# writes land in $ROOT (kept from one namespace to the next), so install.sh's user, directories,
+# key, unit and wrapper never reach the machine.
+OVERLAYS = r"""
 set -euo pipefail
 for dir in /etc /var /opt /usr/local; do
     name="$(printf '%s' "$dir" | tr / _)"
     mkdir -p "$ROOT/upper$name" "$ROOT/work$name"
     mount -t overlay overlay -o "lowerdir=$dir,upperdir=$ROOT/upper$name,workdir=$ROOT/work$name" "$dir"
 done
+"""
+# Install as on a real server (twice: the second run upgrades), then init through the wrapper.
+SYSTEM_INSTALL = OVERLAYS + r"""
 for run in install install-again; do
     if ! bash "$BUNDLE/install.sh" --python "$PYTHON" > "$ROOT/$run.out" 2>&1; then
         cat "$ROOT/$run.out" >&2
@@ -503,7 +510,10 @@ stat -c '%n %U %G %a %F' /var/lib/onprem-label /var/lib/onprem-label.key /etc/on
 readlink /var/lib/onprem-label/onprem-label.toml > "$ROOT/link.out"
 getent passwd onprem-label > "$ROOT/passwd.out"
 cp /etc/systemd/system/onprem-label.service "$ROOT/unit.out"
-/usr/local/sbin/onprem-label init > "$ROOT/init.out" 2>&1 || { cat "$ROOT/init.out" >&2; exit 5; }
+/usr/local/sbin/onprem-label init
+"""
+# Serve as the service user, as the unit's ExecStart does.
+SYSTEM_SERVE = OVERLAYS + r"""
 exec runuser -u onprem-label -- /opt/onprem-label/venv/bin/onprem-label --data-dir /var/lib/onprem-label \
     serve --host 127.0.0.1 --port "$PORT"
 """
@@ -534,8 +544,10 @@ def test_install_as_root_sets_up_user_directories_key_config_unit_and_runs_as_th
     log = tmp_path / "system.log"
     env = {**_offline_env(dict(os.environ)), "ROOT": str(root), "BUNDLE": str(bundle),
            "PYTHON": str(python), "PORT": str(port)}
-    server = start_server([unshare, "--mount", "--propagation", "private", "bash", "-c", SYSTEM_INSTALL],
-                          cwd=tmp_path, env=env, log=log)
+    namespace = [unshare, "--mount", "--propagation", "private", "bash", "-c"]
+    installed = run([*namespace, SYSTEM_INSTALL], cwd=tmp_path, env=env, timeout=INSTALL_TIMEOUT * 2)
+    assert installed.returncode == 0, explain(installed)
+    server = start_server([*namespace, SYSTEM_SERVE], cwd=tmp_path, env=env, log=log)
     try:
         wait_healthy(f"http://{LOOPBACK}:{port}", server, log)
         stats = {line.split()[0]: line.split()[1:] for line in (root / "stat.out").read_text().splitlines()}
@@ -555,7 +567,7 @@ def test_install_as_root_sets_up_user_directories_key_config_unit_and_runs_as_th
         again = (root / "install-again.out").read_text()
         assert "upgrading the virtualenv /opt/onprem-label/venv" in again and "created" not in again, again
 
-        init = (root / "init.out").read_text()
+        init = installed.stdout
         username = re.search(r"^admin username: (\S+)$", init, re.M).group(1)
         password = re.search(r"^admin one-time password: (\S+)$", init, re.M).group(1)
         sign_in_and_change_password(Browser(f"http://{LOOPBACK}:{port}", server, log), username, password)
