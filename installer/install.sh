@@ -241,7 +241,9 @@ venv="$(absolute "$venv")"
 data_dir="$(absolute "$data_dir")"
 if [ "$verify_only" -eq 0 ] && [ "$venv_only" -eq 0 ]; then
     [ "$(id -u)" -eq 0 ] || die "run as root to install the service, or pass --venv-only"
-    # The paths go into a unit file and a sed expression: keep them plain.
+fi
+if [ "$verify_only" -eq 0 ] && { [ "$venv_only" -eq 0 ] || [ -n "$unit_out" ]; }; then
+    # The paths go into a unit file, a sed expression and a shell script: keep them plain.
     for path in "$venv" "$data_dir"; do
         [[ "$path" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "'$path': use a path of letters, digits and ._/- only"
     done
