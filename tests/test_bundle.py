@@ -424,7 +424,7 @@ def _mdwe_available() -> None:
 
 
 def test_memory_deny_write_execute_holds_for_serve_sign_in_and_every_decoder(installed, workdir, tmp_path):
-    """Under PR_SET_MDWE (MemoryDenyWriteExecute=yes): each decoder works, ingest is as without, sign-in works."""
+    """Under PR_SET_MDWE (MemoryDenyWriteExecute=yes): each decoder, ingest and sign-in work as without."""
     _mdwe_available()
     venv = installed["venv"]
     env = user_env(venv)
