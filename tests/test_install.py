@@ -8,71 +8,19 @@ dependencies from the configured index (its cache is reused); the server listens
 
 from __future__ import annotations
 
-import http.cookiejar
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+from install_helpers import (BUILD_TIMEOUT, COMMAND_TIMEOUT, INSTALL_TIMEOUT, LOOPBACK, NOT_SOURCE, REPO,
+                             Browser, explain, free_port, init_admin, run, sign_in_and_change_password,
+                             start_server, stop, user_env, wait_healthy)
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-LOOPBACK = "127.0.0.1"
-# Generous bounds: a 2-core CI machine may be busy with the rest of the suite.
-BUILD_TIMEOUT = 300
-INSTALL_TIMEOUT = 600
-COMMAND_TIMEOUT = 120
-START_TIMEOUT = 30
-REQUEST_TIMEOUT = 60
-STOP_TIMEOUT = 20
-# What a copy of the source tree leaves out: local state, caches and earlier build output
-# (a stale build/lib would otherwise leak deleted files into the wheel).
-NOT_SOURCE = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__",
-                                    "*.pyc", ".pytest_cache", "onprem-data", "onprem-data.key")
-CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
-NEW_PASSWORD = "a fresh passphrase chosen at first login"
-
-
-def _run(args, *, cwd, env=None, timeout=COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run a command to completion, bounded, capturing text output."""
-    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def _explain(result: subprocess.CompletedProcess) -> str:
-    return (f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}"
-            f"\n--- stderr ---\n{result.stderr[-4000:]}")
-
-
-def _user_env(venv: Path) -> dict[str, str]:
-    """The environment of an operator who activated the venv: no repo, no ONPREM_LABEL_* settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ONPREM_LABEL_")
-           and k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env["VIRTUAL_ENV"] = str(venv)
-    env["PYTHONNOUSERSITE"] = "1"  # nothing from ~/.local either
-    env["PIP_NO_INPUT"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def _source_files(src: Path) -> set[str]:
@@ -102,9 +50,9 @@ def source_copy(tmp_path_factory) -> Path:
 def wheel(source_copy, tmp_path_factory) -> Path:
     """The one wheel `pip wheel .` builds from the source tree (no build isolation: works offline)."""
     out = tmp_path_factory.mktemp("wheelhouse")
-    result = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    result = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                    "--no-input", ".", "-w", out], cwd=source_copy, timeout=BUILD_TIMEOUT)
-    assert result.returncode == 0, "building the wheel failed (dev extra installed?)\n" + _explain(result)
+    assert result.returncode == 0, "building the wheel failed (dev extra installed?)\n" + explain(result)
     wheels = sorted(out.glob("*.whl"))
     assert len(wheels) == 1, f"expected exactly one wheel, got {[w.name for w in wheels]}"
     return wheels[0]
@@ -115,11 +63,11 @@ def venv(wheel, tmp_path_factory) -> Path:
     """A new virtualenv with only the wheel (and its dependencies from the index) installed."""
     home = tmp_path_factory.mktemp("newuser")
     venv = home / "venv"
-    result = _run([sys.executable, "-m", "venv", venv], cwd=home, timeout=COMMAND_TIMEOUT)
-    assert result.returncode == 0, "python -m venv failed\n" + _explain(result)
-    result = _run([venv / "bin" / "python", "-m", "pip", "install", "--no-input", wheel],
-                  cwd=home, env=_user_env(venv), timeout=INSTALL_TIMEOUT)
-    assert result.returncode == 0, "pip install of the wheel failed\n" + _explain(result)
+    result = run([sys.executable, "-m", "venv", venv], cwd=home, timeout=COMMAND_TIMEOUT)
+    assert result.returncode == 0, "python -m venv failed\n" + explain(result)
+    result = run([venv / "bin" / "python", "-m", "pip", "install", "--no-input", wheel],
+                  cwd=home, env=user_env(venv), timeout=INSTALL_TIMEOUT)
+    assert result.returncode == 0, "pip install of the wheel failed\n" + explain(result)
     return venv
 
 
@@ -160,9 +108,9 @@ def test_wheel_holds_package_migrations_templates_static_and_password_list(wheel
 
 def test_installed_package_runs_from_the_venv_not_the_source_tree(venv, workdir):
     """`onprem-label --help` works, and the code, migrations and password list load from site-packages."""
-    env = _user_env(venv)
-    result = _run([venv / "bin" / "onprem-label", "--help"], cwd=workdir, env=env)
-    assert result.returncode == 0, _explain(result)
+    env = user_env(venv)
+    result = run([venv / "bin" / "onprem-label", "--help"], cwd=workdir, env=env)
+    assert result.returncode == 0, explain(result)
     for command in ("init", "serve", "db", "user", "token", "config"):
         assert re.search(rf"^\s+{command}\b", result.stdout, re.M), \
             f"--help lacks {command}:\n{result.stdout}"
@@ -175,8 +123,8 @@ def test_installed_package_runs_from_the_venv_not_the_source_tree(venv, workdir)
              "  'migrations': str(files('onprem_label.migrations')),\n"
              "  'head': migrate.head_revision(engine),\n"
              "  'common': len(passwords.common_passwords())}))\n")
-    result = _run([venv / "bin" / "python", "-c", probe], cwd=workdir, env=env)
-    assert result.returncode == 0, _explain(result)
+    result = run([venv / "bin" / "python", "-c", probe], cwd=workdir, env=env)
+    assert result.returncode == 0, explain(result)
     found = json.loads(result.stdout.strip().splitlines()[-1])
     site = (venv / "lib").resolve()
     for key in ("package", "migrations"):
@@ -189,150 +137,37 @@ def test_installed_package_runs_from_the_venv_not_the_source_tree(venv, workdir)
 
 # --- first run: init, serve, sign in, forced password change ----------------------------------
 
-class Browser:
-    """A minimal browser over urllib: a cookie jar, no automatic redirects, bounded requests."""
-
-    class _NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req, fp, code, msg, headers, newurl):
-            return None  # hand every 3xx back to the caller
-
-    def __init__(self, base: str, server: subprocess.Popen, log: Path):
-        self.base, self.server, self.log = base, server, log
-        self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar),
-                                                  self._NoRedirect())
-
-    def request(self, path: str, form: dict[str, str] | None = None) -> tuple[int, dict, str]:
-        """(status, headers, body) for a GET, or a form POST when `form` is given."""
-        data = urllib.parse.urlencode(form).encode() if form is not None else None
-        req = urllib.request.Request(self.base + path, data=data)
-        started = time.monotonic()
-        try:
-            with self.opener.open(req, timeout=REQUEST_TIMEOUT) as response:
-                return response.status, dict(response.headers), response.read().decode()
-        except urllib.error.HTTPError as exc:  # 3xx (redirects are not followed) and 4xx/5xx
-            with exc:
-                return exc.code, dict(exc.headers), exc.read().decode(errors="replace")
-        except OSError as exc:  # refused, reset, or no answer within REQUEST_TIMEOUT
-            pytest.fail(f"{'POST' if form is not None else 'GET'} {path}: {exc!r} after "
-                        f"{time.monotonic() - started:.1f} s; server log and threads:\n"
-                        f"{_dump_threads(self.server, self.log)}")
-
-    def csrf(self, path: str) -> str:
-        """GET a page and return the CSRF token of its form."""
-        status, _, body = self.request(path)
-        assert status == 200, f"GET {path} -> {status}"
-        match = CSRF_RE.search(body)
-        assert match, f"no csrf_token on {path}"
-        return match.group(1)
-
-    def location(self, headers: dict) -> str:
-        """The path a redirect points to (absolute or relative Location)."""
-        return urllib.parse.urlsplit(urllib.parse.urljoin(self.base + "/", headers["Location"])).path
-
-
-def _dump_threads(server: subprocess.Popen, log: Path) -> str:
-    """The server's log, plus every thread's stack if it is still running (it is stopped by this)."""
-    if server.poll() is None:
-        server.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER prints all threads, then it dies
-        try:
-            server.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-    return log.read_text(errors="replace")[-20000:]
-
-
-def _wait_healthy(base: str, server: subprocess.Popen, log: Path) -> dict:
-    """Poll /healthz until it answers 200, bounded; fail early if the server died."""
-    deadline = time.monotonic() + START_TIMEOUT
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"serve exited with {server.returncode} before answering:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(base + "/healthz", timeout=5) as response:
-                return {"status": response.status, "body": json.loads(response.read())}
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except (OSError, ValueError) as exc:  # not listening yet
-            last = repr(exc)
-        time.sleep(0.2)
-    pytest.fail(f"/healthz not 200 within {START_TIMEOUT} s (last: {last}):\n"
-                f"{_dump_threads(server, log)}")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """Terminate the server and wait for it, killing it if it will not stop in time."""
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=STOP_TIMEOUT)
-
-
 def test_new_user_inits_serves_signs_in_and_must_change_password(venv, workdir):
     """init's one-time password signs in over real HTTP, must be changed, then /admin/users opens."""
-    env = _user_env(venv)
+    env = user_env(venv)
     exe = venv / "bin" / "onprem-label"
     data = workdir / "data"
 
-    result = _run([exe, "--data-dir", data, "init"], cwd=workdir, env=env)
-    assert result.returncode == 0, _explain(result)
-    username = re.search(r"^admin username: (\S+)$", result.stdout, re.M)
-    password = re.search(r"^admin one-time password: (\S+)$", result.stdout, re.M)
-    assert username and password, _explain(result)
-    username, password = username.group(1), password.group(1)
+    username, password = init_admin(exe, data, cwd=workdir, env=env)
     assert (data / "onprem-label.db").is_file()
     assert data.with_name(data.name + ".key").is_file()
 
-    port = _free_port()
+    port = free_port()
     base = f"http://{LOOPBACK}:{port}"
     log = workdir / "serve.log"
-    with log.open("w") as log_file:
-        server = subprocess.Popen([str(exe), "--data-dir", str(data), "serve", "--host", LOOPBACK,
-                                   "--port", str(port)], cwd=workdir,
-                                  env={**env, "PYTHONFAULTHANDLER": "1"},
-                                  stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    server = start_server([exe, "--data-dir", data, "serve", "--host", LOOPBACK, "--port", port],
+                          cwd=workdir, env=env, log=log)
     try:
-        health = _wait_healthy(base, server, log)
+        health = wait_healthy(base, server, log)
         assert health["status"] == 200 and health["body"]["status"] == "ok", health
 
-        second = _run([exe, "--data-dir", data, "serve", "--host", LOOPBACK, "--port", port],
-                      cwd=workdir, env=env)
-        assert second.returncode != 0, _explain(second)
+        second = run([exe, "--data-dir", data, "serve", "--host", LOOPBACK, "--port", port],
+                     cwd=workdir, env=env)
+        assert second.returncode != 0, explain(second)
         lines = [line for line in second.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and str(port) in lines[0], _explain(second)
+        assert len(lines) == 1 and str(port) in lines[0], explain(second)
         assert server.poll() is None, "the first server died when a second one tried its port"
 
-        browser = Browser(base, server, log)
-        token = browser.csrf("/login")
-        status, headers, body = browser.request(
-            "/login", {"username": username, "password": password, "csrf_token": token})
-        assert status in (302, 303), f"login with the printed password -> {status}:\n{body[:2000]}"
-
-        status, headers, _ = browser.request("/")
-        assert status in (302, 303) and browser.location(headers) == "/account/password", (status, headers)
-        status, headers, _ = browser.request("/admin/users")
-        assert status in (302, 303) and browser.location(headers) == "/account/password", (status, headers)
-
-        token = browser.csrf("/account/password")
-        status, headers, body = browser.request("/account/password", {
-            "current_password": password, "new_password": NEW_PASSWORD,
-            "confirm_password": NEW_PASSWORD, "csrf_token": token})
-        assert status in (302, 303), f"password change -> {status}:\n{body[:2000]}"
-        assert browser.location(headers) == "/admin/users", headers
-
-        status, headers, body = browser.request("/admin/users")
-        assert status == 200, (status, headers)
-        assert username in body
-        status, headers, _ = browser.request("/")
-        assert status in (302, 303) and browser.location(headers) == "/admin/users", (status, headers)
+        sign_in_and_change_password(Browser(base, server, log), username, password)
     finally:
-        _stop(server)
+        stop(server)
 
-    again = _run([exe, "--data-dir", data, "init"], cwd=workdir, env=env)
-    assert again.returncode == 0, _explain(again)
-    assert "password" not in again.stdout.lower(), _explain(again)
-    assert "already initialised" in again.stdout, _explain(again)
+    again = run([exe, "--data-dir", data, "init"], cwd=workdir, env=env)
+    assert again.returncode == 0, explain(again)
+    assert "password" not in again.stdout.lower(), explain(again)
+    assert "already initialised" in again.stdout, explain(again)
