@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -248,6 +249,9 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
     click.echo(f"onprem-label {__version__} serving on http://{shown}:{server.effective_port}/ "
                f"(data {settings.data_path}); Ctrl+C stops", err=False)
     sys.stdout.flush()
+    log = logging.getLogger("onprem_label.serve")
+    log.info("onprem-label %s serving on %s:%s with %d threads", __version__, settings.host,
+             server.effective_port, settings.threads)
     # systemd stops services with SIGTERM: leave the loop the same way Ctrl+C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -256,6 +260,7 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
         pass
     finally:
         server.close()
+        log.info("stopped")
 
 
 @cli.group()

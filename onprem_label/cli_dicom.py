@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -53,11 +54,14 @@ def dicom_listen(ctx, ae_title: str | None, bind: str | None, port: int | None, 
         click.echo(f"dicom-listen: AE {config.ae_title} on {config.bind}:{bound} "
                    f"(data {settings.data_path}); Ctrl+C stops")
         sys.stdout.flush()
+        log = logging.getLogger("onprem_label.dicomnet")
+        log.info("listening as AE %s on %s:%s with %d workers", config.ae_title, config.bind, bound, workers)
         try:
             while not stop.wait(1.0):
                 pass
         finally:
             receiver.stop()
         click.echo("dicom-listen: stopped")
+        log.info("stopped")
     finally:
         engine.dispose()

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import logging
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
+import pydicom
 import pytest
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
 from conftest import csrf_from
+from dicom_net_helpers import (CALLER, MARKERS as DICOM_MARKERS, Site, listener_process, make_site, send_study,
+                               wait_for, write_study)
 from imaging_helpers import PATIENT, PATIENT_ID, bearer_for, make_dicom, new_project
 from onprem_label import logs
 from onprem_label.config import load_settings
@@ -312,3 +324,160 @@ def test_key_value_format_through_the_app(app, client, settings, tmp_path):
     assert line["request_id"] == response.headers["X-Request-Id"] and line["route"] == "/healthz"
     assert line["status"] == str(response.status_code) and float(line["duration_ms"]) >= 0
     assert QUERY_SECRET not in (tmp_path / "logs" / "serve.log").read_text()
+
+
+# --- a real `onprem-label serve` -------------------------------------------------------------
+
+def _cli(data: Path, env: dict, *args: str) -> str:
+    result = subprocess.run([str(Path(sys.executable).with_name("onprem-label")), "--data-dir", str(data), *args],
+                            env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+class Browser:
+    """A tiny HTTP client over http.client that keeps the session cookie, as a browser does."""
+
+    def __init__(self, port: int):
+        self.port, self.cookies = port, {}
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        """(response, body bytes); Set-Cookie values are kept for the next request."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        sent = dict(headers or {})
+        if self.cookies:
+            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        try:
+            conn.request(method, path, body=body, headers=sent)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        for header in response.headers.get_all("Set-Cookie") or []:
+            name, _, rest = header.partition("=")
+            self.cookies[name] = rest.split(";", 1)[0]
+        return response, data
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            response, _ = Browser(port).request("GET", "/healthz")
+            if response.status == 200:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"serve exited with {proc.returncode}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "serve not healthy within 120 s"
+        time.sleep(0.2)
+
+
+def test_real_serve_writes_parseable_lines_without_secrets(tmp_path, database_url):
+    """`onprem-label serve` with log_file: login (wrong, right), token API calls, a DICOM upload, a query
+    secret and a 404 leave JSON lines whose request ids match X-Request-Id, with access fields, and no
+    password, token, cookie, patient string, file name or query secret; stderr and stdout stay clean."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONPREM_LABEL_")}
+    env.update(ONPREM_LABEL_LOG_FILE=str(tmp_path / "logs" / "{command}.log"), ONPREM_LABEL_THREADS="2")
+    if database_url:
+        env["ONPREM_LABEL_DATABASE_URL"] = database_url
+    _cli(data, env, "init")
+    _cli(data, env, "user", "create", USERNAME, "--role", "manager", "--password", SECRET_PASSWORD,
+         "--no-must-change")
+    token = _cli(data, env, "token", "create", USERNAME).strip().splitlines()[-1]
+    project_id = int(re.search(r"created project (\d+)", _cli(data, env, "project", "create", "Chest CT")).group(1))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("onprem-label")), "--data-dir", str(data), "serve",
+                             "--port", str(port)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        _wait_healthy(port, proc)
+        browser, bearer = Browser(port), {"Authorization": f"Bearer {token}"}
+
+        def call(method, path, body=None, headers=None):
+            response, payload = browser.request(method, path, body, headers)
+            seen.append((response.headers["X-Request-Id"], response.status, method))
+            return response, payload
+
+        _, page = call("GET", "/login")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.decode()).group(1)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        for password in (WRONG_PASSWORD, SECRET_PASSWORD):
+            call("POST", "/login", urlencode({"username": USERNAME, "password": password,
+                                              "csrf_token": csrf}).encode(), form)
+        assert seen[-1][1] == 302
+        cookie = browser.cookies["olsession"]
+        call("GET", f"/api/v1/projects?secret={QUERY_SECRET}")
+        boundary, body = encode_multipart({"files": [FileStorage(io.BytesIO(make_dicom()), FILE_NAME)]})
+        response, payload = call("POST", f"/api/v1/projects/{project_id}/items", body,
+                                 {**bearer, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert response.status == 200 and json.loads(payload)["results"][0]["status"] == "imported"
+        call("GET", f"/api/v1/items/999999?access_token={QUERY_SECRET}", headers=bearer)
+        assert seen[-1][1] == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err == "" and "serving on" in out and "{" not in out  # every record went to the file
+    path = tmp_path / "logs" / "serve.log"
+    text = path.read_text(encoding="utf-8")
+    records = read_records(path)
+    access = {r["request_id"]: r for r in records if r["logger"] == "onprem_label.access"}
+    for request_id, status, method in seen:
+        line = access[request_id]
+        assert (line["status"], line["method"], line["command"]) == (status, method, "serve")
+        assert isinstance(line["duration_ms"], float) and "route" in line and "?" not in (line["route"] or "")
+    assert all(r["time"].endswith("Z") and r["level"] and r["logger"] and "message" in r for r in records)
+    assert f"serving on 127.0.0.1:{port}" in records[0]["message"] and records[-1]["message"] == "stopped"
+    forbidden = [SECRET_PASSWORD, WRONG_PASSWORD, token, cookie, csrf, PATIENT, PATIENT.split("^")[0], PATIENT_ID,
+                 FILE_NAME, "Smithfield", QUERY_SECRET, USERNAME]
+    assert [s for s in forbidden if s in text] == []
+
+
+# --- a real `onprem-label dicom-listen` ------------------------------------------------------
+
+@dataclass
+class LoggingSite(Site):
+    """A receiver site whose CLI runs get the log settings of the test too."""
+
+    log_env: dict = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The site's environment plus ONPREM_LABEL_LOG_*."""
+        return {**super().env, **self.log_env}
+
+
+@pytest.mark.dcmtk
+def test_dicom_listen_records_carry_the_association_and_no_identifiers(tmp_path, database_url):
+    """dicom-listen at log_level=debug: JSON lines in its own file, each association's records share one
+    id, and no patient string or original UID (pynetdicom's DEBUG output) reaches the log."""
+    base = make_site(tmp_path, database_url)
+    site = LoggingSite(base.data, base.database_url, log_env={
+        "ONPREM_LABEL_LOG_FILE": str(tmp_path / "logs" / "{command}.log"), "ONPREM_LABEL_LOG_LEVEL": "debug"})
+    site.project("Chest CT", [{"ae_title": CALLER, "address": "127.0.0.1"}])
+    study = write_study(tmp_path / "study")
+    uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in [*study["folder"].iterdir(), study["rle"]]]
+    with listener_process(site) as (port, process):
+        for sent in send_study(port, study):
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert wait_for(lambda: len(site.events("dicom:association_end")) == study["associations"])
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and err == "", err
+    path = tmp_path / "logs" / "dicom-listen.log"
+    records = read_records(path)
+    assert {r["command"] for r in records} == {"dicom-listen"}
+    ours = [r for r in records if r["logger"] == "onprem_label.dicomnet" and "association" in r]
+    accepted = {r["association"] for r in ours if "accepted" in r["message"]}
+    ended = {r["association"] for r in ours if "ended" in r["message"]}
+    assert len(accepted) == study["associations"] and accepted == ended
+    assert not any(r["logger"].startswith("pynetdicom") and r["level"] in ("debug", "info") for r in records)
+    text = path.read_text(encoding="utf-8")
+    assert CALLER in text  # the caller is named, the patient never
+    assert [m for m in [*DICOM_MARKERS, *uids] if m in text] == []
