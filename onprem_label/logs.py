@@ -33,6 +33,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 _OWN = "_onprem_label_handler"
 _process: dict[str, Any] = {}  # fields of every record of this process, whatever its thread
 _worker: dict[str, Any] = {}  # configure_logging's choices, for worker processes
+_saved_levels: dict[str, int] = {}  # logger levels as they were before configure_logging ("" = root)
 
 # The safety net behind the rule "never log a secret": each pattern keeps its name, masks the value.
 _REDACTIONS = (
@@ -223,8 +224,6 @@ def configure_worker(config: dict[str, Any]) -> None:
     if not config:
         return  # the parent logs Python's default way; so does the worker
     root = logging.getLogger()
-    for stale in list(root.handlers):
-        root.removeHandler(stale)
     path = config["path"]
     handler = PrivateWatchedFileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(config["format"]))
@@ -236,7 +235,7 @@ def configure_worker(config: dict[str, Any]) -> None:
 
 
 def close_logging() -> None:
-    """Remove and close the handlers configure_logging installed (tests; a second configure)."""
+    """Undo configure_logging: its handlers closed, logger levels as they were (tests; a second configure)."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, _OWN, False)]:
         root.removeHandler(handler)
@@ -245,6 +244,9 @@ def close_logging() -> None:
             os.close(handler.lock_fd)
             handler.lock_fd = None
     logging.captureWarnings(False)
+    for name, level in _saved_levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    _saved_levels.clear()
     _process.clear()
     _worker.clear()
 
@@ -258,15 +260,15 @@ def configure_logging(settings, command: str) -> logging.Handler:
     close_logging()
     handler = make_handler(settings, command)
     root = logging.getLogger()
-    for stale in list(root.handlers):  # a basicConfig of an earlier call in this process
-        root.removeHandler(stale)
     root.addHandler(handler)
     level = getattr(logging, settings.log_level.upper())
-    root.setLevel(level)
-    for name in ALWAYS_QUIET:
-        logging.getLogger(name).setLevel(max(level, logging.WARNING))
-    for name in QUIET_UNLESS_DEBUG:
-        logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else max(level, logging.WARNING))
+    quiet = {name: max(level, logging.WARNING) for name in ALWAYS_QUIET}
+    quiet.update((name, logging.NOTSET if level <= logging.DEBUG else max(level, logging.WARNING))
+                 for name in QUIET_UNLESS_DEBUG)
+    for name, new_level in {"": level, **quiet}.items():
+        logger = logging.getLogger(name or None)
+        _saved_levels.setdefault(name, logger.level)
+        logger.setLevel(new_level)
     logging.captureWarnings(True)  # a library's warning becomes a record like any other, not a raw line
     _process.update(command=command, pid=os.getpid())
     path = log_file_path(settings, command)

@@ -312,7 +312,7 @@ def test_streamed_response_logs_its_line_when_the_body_is_done(app, client, db, 
 
 
 def test_key_value_format_through_the_app(app, client, settings, tmp_path):
-    """With log_format=keyvalue the access line of a request parses and carries its request id."""
+    """With log_format=keyvalue the access line parses and carries its request id; the context ends with it."""
     kv = load_settings({**settings.as_dict(), "log_format": "keyvalue"}, env={})
     logs.configure_logging(kv, "serve")
     try:
@@ -324,6 +324,7 @@ def test_key_value_format_through_the_app(app, client, settings, tmp_path):
     assert line["request_id"] == response.headers["X-Request-Id"] and line["route"] == "/healthz"
     assert line["status"] == str(response.status_code) and float(line["duration_ms"]) >= 0
     assert QUERY_SECRET not in (tmp_path / "logs" / "serve.log").read_text()
+    assert logs.current_context() == {}  # the thread's next request starts without this one's fields
 
 
 # --- a real `onprem-label serve` -------------------------------------------------------------

@@ -390,7 +390,7 @@ def recover_spool(config: ReceiverConfig, make_session: Callable[[], Session], s
                     outcome = exc
                 except Exception:  # noqa: BLE001 - unreadable: kept for an operator, never a start loop
                     log.exception("spool of project %s: instance %s cannot be read; kept", spool.project_id,
-                                  blob_id)
+                                  blob_id, extra=HIDE_EXCEPTION_TEXT)
                     continue
                 files.append((blob_id, f"spool#{n}", outcome))
             with make_session() as db:

@@ -12,7 +12,7 @@ import time
 
 from flask import Flask, Response, g, request, session
 
-from onprem_label.logs import current_context, pop_context, push_context
+from onprem_label.logs import current_context, log_context, pop_context, push_context
 from onprem_label.web.context import request_id
 
 log = logging.getLogger("onprem_label.access")
@@ -23,9 +23,10 @@ def _user_id() -> int | None:
     # (a database read) for requests refused before load_identity, such as a 413. A login during
     # this request attached its user to the session only.
     user = g.get("_login_user")
-    if user is None or not getattr(user, "is_authenticated", False):
-        user = getattr(session, "user", None)
-    return user.id if user is not None else None
+    if user is not None and getattr(user, "is_authenticated", False):
+        return user.id
+    row = getattr(session, "row", None)  # a column of the row already loaded: no query
+    return row.user_id if row is not None else None
 
 
 def _route() -> str | None:
@@ -53,19 +54,15 @@ def _access_fields(response: Response) -> dict:
 
 
 def _write(fields: dict, started: float, *, streamed: bool = False) -> None:
-    duration = round((time.perf_counter() - started) * 1000, 1)
-    extra = {k: v for k, v in fields.items() if k not in ("request_id", "method", "route")}
-    extra["duration_ms"] = duration
+    # The request's fields are pushed again: a streamed body ends after teardown has reset them.
+    context = {k: v for k, v in fields.items() if k not in ("status", "auth")}
+    extra = {k: fields[k] for k in ("status", "auth") if k in fields}
+    extra["duration_ms"] = duration = round((time.perf_counter() - started) * 1000, 1)
     if streamed:
         extra["streamed"] = True
-    route = fields.get("route") or "(no route)"
-    with_request = {"request_id": fields.get("request_id"), "method": fields.get("method"),
-                    "route": fields.get("route")}
-    token = push_context(**with_request)
-    try:
-        log.info("%s %s %s %.1f ms", fields.get("method"), route, fields["status"], duration, extra=extra)
-    finally:
-        pop_context(token)
+    with log_context(**context):
+        log.info("%s %s %s %.1f ms", fields.get("method"), fields.get("route") or "(no route)",
+                 fields["status"], duration, extra=extra)
 
 
 def log_access(response: Response) -> Response:
