@@ -28,9 +28,11 @@ QUIET_UNLESS_DEBUG = ("alembic", "waitress", "PIL")
 # parser's error on a hostile DICOM may carry a patient's name; its type and frames are enough.
 HIDE_EXCEPTION_TEXT = {"hide_exception_text": True}
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("onprem_label_log_context", default={})
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("onprem_label_log_context",
+                                                                         default={})
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 _OWN = "_onprem_label_handler"
+_FORMATTED = "_onprem_label_line"
 _process: dict[str, Any] = {}  # fields of every record of this process, whatever its thread
 _worker: dict[str, Any] = {}  # configure_logging's choices, for worker processes
 _saved_levels: dict[str, int] = {}  # logger levels as they were before configure_logging ("" = root)
@@ -51,8 +53,14 @@ class LogFileInUse(Exception):
     """Another process writes (and rotates) this log file; two rotating writers would lose lines."""
 
 
+# One search that every pattern above needs to match first: most fields meet none, and pay one search.
+_SUSPECT = re.compile(r"(?i)olt_|bearer|session|csrf|cookie|passw|passphrase|secret|token|totp|://")
+
+
 def redact(text: str) -> str:
     """`text` with anything that looks like a token, a session id or a password masked."""
+    if not _SUSPECT.search(text):
+        return text
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     return text
@@ -104,7 +112,8 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
                               "logger": record.name, "message": record.getMessage()}
     fields.update(_process)
     fields.update(_context.get())  # formatting runs in the thread that logged
-    fields.update((k, v) for k, v in vars(record).items() if k not in _STANDARD and k != "hide_exception_text")
+    fields.update((k, v) for k, v in vars(record).items()
+                  if k not in _STANDARD and k not in ("hide_exception_text", _FORMATTED))
     exception = _exception_text(record)
     if exception:
         fields["exception"] = exception
@@ -121,13 +130,30 @@ def _scrub(value: Any) -> Any:
     return redact(str(value))
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: what log shippers (journald exporters, Filebeat, Vector) parse."""
+class _OnceFormatter(logging.Formatter):
+    """Formats a record once: RotatingFileHandler formats it to measure it, then again to write it."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """The record as one line of JSON, secrets masked."""
-        fields = {key: _scrub(value) for key, value in record_fields(record).items()}
-        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        """The record's line, made on the first call for this record and formatter."""
+        cached = getattr(record, _FORMATTED, None)
+        if cached is not None and cached[0] is self:
+            return cached[1]
+        line = self.format_fields(record_fields(record))
+        setattr(record, _FORMATTED, (self, line))
+        return line
+
+    def format_fields(self, fields: dict[str, Any]) -> str:  # pragma: no cover - abstract
+        """The line for these fields."""
+        raise NotImplementedError
+
+
+class JsonFormatter(_OnceFormatter):
+    """One JSON object per line: what log shippers (journald exporters, Filebeat, Vector) parse."""
+
+    def format_fields(self, fields: dict[str, Any]) -> str:
+        """The fields as one line of JSON, secrets masked."""
+        return json.dumps({key: _scrub(value) for key, value in fields.items()}, ensure_ascii=False,
+                          separators=(",", ":"))
 
 
 _BARE = re.compile(r"^[A-Za-z0-9_./:@+<>\[\]-]+$")
@@ -145,12 +171,11 @@ def _kv_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
-class KeyValueFormatter(logging.Formatter):
+class KeyValueFormatter(_OnceFormatter):
     """One line of `key=value` pairs (logfmt): values with spaces or quotes are quoted, escaped."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        """The record as one key=value line, secrets masked."""
-        fields = record_fields(record)
+    def format_fields(self, fields: dict[str, Any]) -> str:
+        """The fields as one key=value line, secrets masked."""
         return " ".join(f"{key}={_kv_value(_scrub(value))}" for key, value in fields.items())
 
 
@@ -184,9 +209,9 @@ def _lock_file(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise LogFileInUse(f"log file {path} is written by another process; give each process its own "
-                           f"file (put {COMMAND_PLACEHOLDER} in log_file, or set ONPREM_LABEL_LOG_FILE per unit)") \
-            from None
+        raise LogFileInUse(f"log file {path} is written by another process; give each process its "
+                           f"own file (put {COMMAND_PLACEHOLDER} in log_file, or set ONPREM_LABEL_LOG_FILE "
+                           "per unit)") from None
     os.set_inheritable(fd, False)
     return fd
 
