@@ -122,6 +122,12 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+# Fields whose values this code sets itself (no caller's text in them): not worth a search each.
+# (The method is the client's text, so it is searched like a message.)
+_OWN_FIELDS = frozenset({"time", "level", "logger", "command", "pid", "worker", "request_id", "route",
+                         "user_id", "status", "duration_ms", "auth", "streamed", "association"})
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
@@ -152,8 +158,8 @@ class JsonFormatter(_OnceFormatter):
 
     def format_fields(self, fields: dict[str, Any]) -> str:
         """The fields as one line of JSON, secrets masked."""
-        return json.dumps({key: _scrub(value) for key, value in fields.items()}, ensure_ascii=False,
-                          separators=(",", ":"))
+        scrubbed = {key: value if key in _OWN_FIELDS else _scrub(value) for key, value in fields.items()}
+        return json.dumps(scrubbed, ensure_ascii=False, separators=(",", ":"))
 
 
 _BARE = re.compile(r"^[A-Za-z0-9_./:@+<>\[\]-]+$")
@@ -176,7 +182,8 @@ class KeyValueFormatter(_OnceFormatter):
 
     def format_fields(self, fields: dict[str, Any]) -> str:
         """The fields as one key=value line, secrets masked."""
-        return " ".join(f"{key}={_kv_value(_scrub(value))}" for key, value in fields.items())
+        return " ".join(f"{key}={_kv_value(value if key in _OWN_FIELDS else _scrub(value))}"
+                        for key, value in fields.items())
 
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
