@@ -181,13 +181,13 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("log_level", "str", "info", "Application log level.",
             choices=("debug", "info", "warning", "error")),
     Setting("log_format", "str", "json",
-            "Format of the application log of serve and dicom-listen: 'json' (one JSON object per line, "
-            "what log shippers parse) or 'keyvalue' (key=value pairs, logfmt).",
+            "Format of the application log of serve, dicom-listen, ingest and export: 'json' (one JSON "
+            "object per line, what log shippers parse) or 'keyvalue' (key=value pairs, logfmt).",
             choices=("json", "keyvalue")),
     Setting("log_file", "path", "",
             "Application log file. Empty: standard error, which journald keeps under systemd. A path: "
-            "that file, rotated by size; {command} in it becomes the command's name (serve, dicom-listen), "
-            "since each process needs a file of its own."),
+            "that file, rotated by size; {command} in it becomes the command's name (serve, "
+            "dicom-listen, ...), since each process needs a file of its own."),
     Setting("log_max_mb", "int", 100,
             "A log file is rotated when it would grow past this many MiB.", minimum=1, maximum=100_000),
     Setting("log_backups", "int", 10,

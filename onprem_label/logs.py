@@ -202,6 +202,22 @@ class PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (a test runner, or click's, may swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        """The current standard error."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass  # always the current sys.stderr
+
+
 def log_file_path(settings, command: str) -> Path | None:
     """Where `command` writes its log: None for standard error, else the file ({command} replaced)."""
     if not settings.log_file:
@@ -227,7 +243,7 @@ def make_handler(settings, command: str) -> logging.Handler:
     """The handler the settings ask for: standard error, or a rotated file; with its formatter."""
     path = log_file_path(settings, command)
     if path is None:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = StderrHandler()
     else:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         lock = _lock_file(path)
@@ -257,7 +273,7 @@ def configure_worker(config: dict[str, Any]) -> None:
         return  # the parent logs Python's default way; so does the worker
     root = logging.getLogger()
     path = config["path"]
-    handler = PrivateWatchedFileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    handler = PrivateWatchedFileHandler(path, encoding="utf-8") if path else StderrHandler()
     handler.setFormatter(_formatter(config["format"]))
     root.addHandler(handler)
     root.setLevel(config["level"])
