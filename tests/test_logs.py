@@ -482,3 +482,22 @@ def test_dicom_listen_records_carry_the_association_and_no_identifiers(tmp_path,
     text = path.read_text(encoding="utf-8")
     assert CALLER in text  # the caller is named, the patient never
     assert [m for m in [*DICOM_MARKERS, *uids] if m in text] == []
+
+
+def test_database_errors_do_not_quote_their_parameters(tmp_path):
+    """A failed statement's error text (what a trace in the log shows) names the SQL, not its values."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from onprem_label.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("CREATE TABLE t (name TEXT UNIQUE)"))
+            conn.execute(text("INSERT INTO t VALUES (:name)"), {"name": PATIENT})
+            with pytest.raises(SQLAlchemyError) as caught:
+                conn.execute(text("INSERT INTO t VALUES (:name)"), {"name": PATIENT})
+    finally:
+        engine.dispose()
+    assert "INSERT INTO t" in str(caught.value) and PATIENT not in str(caught.value)
