@@ -468,10 +468,12 @@ def test_dicom_listen_records_carry_the_association_and_no_identifiers(tmp_path,
         for sent in send_study(port, study):
             assert sent.returncode == 0, sent.stdout + sent.stderr
         assert wait_for(lambda: len(site.events("dicom:association_end")) == study["associations"])
+        # The association's thread logs its end just after committing the audit event.
+        path = tmp_path / "logs" / "dicom-listen.log"
+        assert wait_for(lambda: path.read_text(encoding="utf-8").count(" ended: ") == study["associations"])
         process.send_signal(signal.SIGTERM)
         _out, err = process.communicate(timeout=60)
     assert process.returncode == 0 and err == "", err
-    path = tmp_path / "logs" / "dicom-listen.log"
     records = read_records(path)
     assert {r["command"] for r in records} == {"dicom-listen"}
     ours = [r for r in records if r["logger"] == "onprem_label.dicomnet" and "association" in r]
