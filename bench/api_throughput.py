@@ -152,6 +152,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per server per round")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client processes")
+    parser.add_argument("--log-level", default=BY_NAME["log_level"].default,
+                        help="onprem-label's log_level ('warning' drops the access line of each request)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="wait up to this many s for the machine to go idle before each measurement")
     args = parser.parse_args()
@@ -180,7 +182,8 @@ def main() -> int:
         procs = {}
         try:
             for name, argv in argvs.items():
-                procs[name] = c.start_process(argv, base / f"{name.replace(' ', '-')}.log")
+                env = {"ONPREM_LABEL_LOG_LEVEL": args.log_level} if name == "onprem-label" else {}
+                procs[name] = c.start_process(argv, base / f"{name.replace(' ', '-')}.log", env)
             c.wait_for_status(ports["onprem-label"], "/healthz", procs["onprem-label"], timeout=60)
             c.wait_for_status(ports["bare Flask"], PATH, procs["bare Flask"], timeout=60)
             check_answer(ports["onprem-label"], {}, 401)

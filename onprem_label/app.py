@@ -19,7 +19,7 @@ from onprem_label.config import Settings, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.imaging.prepare import link_key, prepare_options
 from onprem_label.storage import Keyring, open_keyring, open_store
-from onprem_label.web import errors, login, security, uploads
+from onprem_label.web import access, errors, login, security, uploads
 from onprem_label.web.context import Services, close_db
 from onprem_label.web.sessions import ServerSessionInterface
 
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable = utcnow,
     # Order matters: who is calling, unstorable input, CSRF (bearer calls are exempt), the gate.
     app.before_request(uploads.limit_streamed_upload)  # before anything could read the body
     login.init_app(app)
+    access.init_app(app)  # its clock starts before every other hook; the user is known from here
     app.before_request(security.reject_nul_bytes)
     app.before_request(security.check_csrf)
     app.before_request(login.enforce_gate)

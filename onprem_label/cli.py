@@ -22,6 +22,7 @@ from onprem_label.auth.errors import AuthError
 from onprem_label.clock import utcnow
 from onprem_label.config import Settings, SettingsError, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
+from onprem_label.logs import LogFileInUse, configure_logging, log_file_path
 from onprem_label.storage import PASSPHRASE_ENV, init_keyring, open_keyring, open_store
 from onprem_label.storage.keys import KeyFileError
 
@@ -65,6 +66,17 @@ def ask_passphrase(settings: Settings, *, confirm: bool = False) -> str | None:
     if not sys.stdin.isatty():
         raise CliError(f"key_source is 'passphrase': set {PASSPHRASE_ENV} (no terminal to ask on)")
     return click.prompt("Master key passphrase", hide_input=True, confirmation_prompt=confirm)
+
+
+def start_logging(settings: Settings, command: str) -> None:
+    """The application log of a long-running command, as the log_* settings say (see logs.py)."""
+    try:
+        configure_logging(settings, command)
+    except LogFileInUse as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write the log file {log_file_path(settings, command)}: "
+                       f"{exc.strerror or exc}") from None
 
 
 def open_database(settings: Settings, *, require_head: bool = True):
@@ -209,12 +221,7 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
     """Run the web server (waitress)."""
     settings = settings_from(ctx, host=host, port=port, threads=threads)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if settings.log_level != "debug":
-        # Alembic logs two INFO lines per schema check (each start, each /healthz): noise that
-        # would also break the one-line rule for errors such as "port in use".
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    start_logging(settings, "serve")
     keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
     if not _is_loopback(settings.host):
         if settings.trusted_proxy and _is_loopback(settings.trusted_proxy) and not insecure_http:
@@ -256,6 +263,9 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
     click.echo(f"onprem-label {__version__} serving on http://{shown}:{server.effective_port}/ "
                f"(data {settings.data_path}); Ctrl+C stops", err=False)
     sys.stdout.flush()
+    log = logging.getLogger("onprem_label.serve")
+    log.info("onprem-label %s serving on %s:%s with %d threads", __version__, settings.host,
+             server.effective_port, settings.threads)
     # systemd stops services with SIGTERM: leave the loop the same way Ctrl+C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -264,6 +274,7 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
         pass
     finally:
         server.close()
+        log.info("stopped")
 
 
 @cli.group()

@@ -22,18 +22,16 @@ import click
 @click.pass_context
 def dicom_listen(ctx, ae_title: str | None, bind: str | None, port: int | None, workers: int | None) -> None:
     """Receive DICOM instances (C-STORE) from the callers each project allows, and answer C-ECHO."""
-    from onprem_label.cli import CliError, _check_port_free, ask_passphrase, open_database, settings_from
+    from onprem_label.cli import (CliError, _check_port_free, ask_passphrase, open_database, settings_from,
+                                  start_logging)
     from onprem_label.dicomnet.receiver import Receiver, ReceiverConfig, recover_spool
     from onprem_label.imaging.prepare import link_key, prepare_options
     from onprem_label.storage import open_keyring, open_store
 
     settings = settings_from(ctx.find_root(), dicom_ae_title=ae_title, dicom_bind=bind, dicom_port=port)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # pynetdicom logs every PDU at INFO and, at DEBUG, the original SOP Instance UID of every C-STORE
-    # (an identifier that must not reach a log): it stays at WARNING whatever our own level is.
-    for noisy in ("pynetdicom", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # (an identifier that must not reach a log): logs.ALWAYS_QUIET keeps it at WARNING whatever log_level is.
+    start_logging(settings, "dicom-listen")
     workers = workers if workers is not None else settings.ingest_workers or os.cpu_count() or 1
     if workers < 1:
         raise CliError("--workers must be at least 1")
@@ -56,11 +54,14 @@ def dicom_listen(ctx, ae_title: str | None, bind: str | None, port: int | None, 
         click.echo(f"dicom-listen: AE {config.ae_title} on {config.bind}:{bound} "
                    f"(data {settings.data_path}); Ctrl+C stops")
         sys.stdout.flush()
+        log = logging.getLogger("onprem_label.dicomnet")
+        log.info("listening as AE %s on %s:%s with %d workers", config.ae_title, config.bind, bound, workers)
         try:
             while not stop.wait(1.0):
                 pass
         finally:
             receiver.stop()
         click.echo("dicom-listen: stopped")
+        log.info("stopped")
     finally:
         engine.dispose()

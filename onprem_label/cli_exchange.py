@@ -31,7 +31,7 @@ from onprem_label.cli_ingest import _root, console_name
 def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since, until, label,
                    with_images) -> None:
     """Export PROJECT's labels (audited; items awaiting a pixel check never leave)."""
-    from onprem_label.cli import CliError, ask_passphrase, open_database
+    from onprem_label.cli import CliError, ask_passphrase, open_database, start_logging
     from onprem_label.db.engine import read_connection
     from onprem_label.exchange import export
     from onprem_label.exchange.selection import FilterError, parse_filter
@@ -45,6 +45,7 @@ def export_command(ctx, project: str, fmt: str, out_path: str, state: str, since
     target = Path(out_path)
     partial = target.with_name(target.name + ".partial")
     settings = _root(ctx)
+    start_logging(settings, "export")  # its warnings in the site's log format, to its own file
     engine, make_session = open_database(settings)
     try:
         with make_session() as db:

@@ -106,7 +106,7 @@ def project_list(ctx, as_json: bool) -> None:
 @click.pass_context
 def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, workers: int | None) -> None:
     """Import images (files, folders, zip archives) into PROJECT (its id or name)."""
-    from onprem_label.cli import CliError, ask_passphrase, open_database
+    from onprem_label.cli import CliError, ask_passphrase, open_database, start_logging
     from onprem_label.imaging.batch import StoreBehind, run_batch
     from onprem_label.imaging.ingest import BatchInterrupted, IngestTarget, store_batch
     from onprem_label.imaging.prepare import link_key, prepare_options
@@ -115,6 +115,7 @@ def ingest(ctx, project: str, paths: tuple[str, ...], report_path: str | None, w
     from onprem_label.workflow.projects import ProjectError, find_project
 
     settings = _root(ctx)
+    start_logging(settings, "ingest")  # a decoder's trace, say: in the site's log format and file
     keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
     store, options = open_store(settings, keyring), prepare_options(settings, keyring)
     workers = workers if workers is not None else settings.ingest_workers or os.cpu_count() or 1

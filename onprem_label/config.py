@@ -183,6 +183,18 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("doctor_min_free_disk_mb", "int", 1024,
             "`onprem-label doctor` warns when the data directory's filesystem (or the checkpoint "
             "file's) has fewer MiB free than this.", minimum=0, maximum=1 << 30),
+    Setting("log_format", "str", "json",
+            "Format of the application log of serve, dicom-listen, ingest and export: 'json' (one JSON "
+            "object per line, what log shippers parse) or 'keyvalue' (key=value pairs, logfmt).",
+            choices=("json", "keyvalue")),
+    Setting("log_file", "path", "",
+            "Application log file. Empty: standard error, which journald keeps under systemd. A path: "
+            "that file, rotated by size; {command} in it becomes the command's name (serve, "
+            "dicom-listen, ...), since each process needs a file of its own."),
+    Setting("log_max_mb", "int", 100,
+            "A log file is rotated when it would grow past this many MiB.", minimum=1, maximum=100_000),
+    Setting("log_backups", "int", 10,
+            "Rotated log files kept (file.1 is the newest); older ones are deleted.", minimum=1, maximum=1000),
 )
 
 BY_NAME = {s.name: s for s in REGISTRY}

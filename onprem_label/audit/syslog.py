@@ -22,6 +22,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+from onprem_label.logs import HIDE_EXCEPTION_TEXT
+
 log = logging.getLogger("onprem_label.audit")
 
 # 32473 is the Private Enterprise Number RFC 5612 reserves for documentation; a site with its own
@@ -122,7 +124,9 @@ class SyslogForwarder:
             data = frame(format_message(event, hostname=self.hostname, app_name=self.app_name,
                                         facility=self.facility))
         except Exception:
-            log.warning("audit syslog: could not format an event; dropped", exc_info=True)
+            # The event's details (which the error may quote) belong in the trail, not in the log.
+            log.warning("audit syslog: could not format an event; dropped", exc_info=True,
+                        extra=HIDE_EXCEPTION_TEXT)
             self._drop()
             return
         try:

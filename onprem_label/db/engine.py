@@ -82,6 +82,9 @@ def make_engine(url: str, **kwargs) -> Engine:
         database = make_url(url).database or ""
         factory = type("WriterLocked", (WriterLockedConnection,), {"writer_lock": _writer_lock(database)})
         kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "factory": factory}
+    # An error's text (in a log, or a trace) would otherwise quote its statement's parameters:
+    # usernames, label texts, hashes. The statement itself is enough to find the fault.
+    kwargs.setdefault("hide_parameters", True)
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)

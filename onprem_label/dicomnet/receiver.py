@@ -6,6 +6,7 @@ import io
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.ingest import IngestTarget, store_batch
 from onprem_label.imaging.isolation import WorkerPool, prepare_staged
 from onprem_label.imaging.prepare import Prepared, PrepareOptions, source_digest
+from onprem_label.logs import HIDE_EXCEPTION_TEXT, push_context
 from onprem_label.storage import EncryptedBlobStore, Keyring
 
 log = logging.getLogger("onprem_label.dicomnet")
@@ -166,6 +168,9 @@ class Receiver:
         pynetdicom accepts an association whose handler raised, so nothing may escape from here: a
         fault while routing (the database busy or gone) refuses the caller for now instead.
         """
+        # pynetdicom runs each association in a thread of its own, which ends with it: its records
+        # carry one id from the request to the end, so an operator can follow one caller's session.
+        push_context(association=uuid.uuid4().hex[:16])
         try:
             self._route(event.assoc)
         except Exception:  # noqa: BLE001 - fail closed, and say why in the log
@@ -281,7 +286,8 @@ class Receiver:
             outcome, spooled = self._receive(state, event.encoded_dataset())
             state.storer(_Received(spooled), outcome)  # raises when an earlier batch failed
         except Exception:  # noqa: BLE001 - a disk or database fault: refuse, never acknowledge
-            log.exception("could not take an instance from AE %r", state.caller)
+            # Its text could quote the instance (a value that failed to parse): type and frames only.
+            log.exception("could not take an instance from AE %r", state.caller, extra=HIDE_EXCEPTION_TEXT)
             return _status(OUT_OF_RESOURCES, "the receiver could not store the instance")
         if isinstance(outcome, Rejected):
             state.refused += 1
@@ -384,7 +390,7 @@ def recover_spool(config: ReceiverConfig, make_session: Callable[[], Session], s
                     outcome = exc
                 except Exception:  # noqa: BLE001 - unreadable: kept for an operator, never a start loop
                     log.exception("spool of project %s: instance %s cannot be read; kept", spool.project_id,
-                                  blob_id)
+                                  blob_id, extra=HIDE_EXCEPTION_TEXT)
                     continue
                 files.append((blob_id, f"spool#{n}", outcome))
             with make_session() as db:

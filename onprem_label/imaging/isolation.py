@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from onprem_label.imaging import errors
 from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.prepare import Prepared, PrepareOptions, prepare_or_reject
+from onprem_label.logs import configure_worker, worker_config
 from onprem_label.storage import EncryptedBlobStore, Keyring
 
 CRASHED = ("the file crashed the image decoder, or decoding it took longer than the limit "
@@ -43,7 +44,8 @@ class WorkerPool:
             if self._pool is None:
                 # spawn, not fork: the parent holds database connections and threads.
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=die_with_parent, initargs=(os.getpid(),))
+                                                 initializer=start_worker,
+                                                 initargs=(os.getpid(), worker_config()))
             pool = self._pool
         try:
             return pool.submit(fn, *args), pool
@@ -77,6 +79,12 @@ class WorkerPool:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def start_worker(parent_pid: int, log_config: dict) -> None:
+    """Worker initializer: log like the parent (logs.configure_worker), and die with it."""
+    configure_worker(log_config)
+    die_with_parent(parent_pid)
 
 
 def die_with_parent(parent_pid: int) -> None:

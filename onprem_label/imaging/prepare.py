@@ -17,6 +17,7 @@ from onprem_label.imaging.deidentify import DeidSettings, burned_in_reasons, dei
 from onprem_label.imaging.dicom import check_pixels, display_meta, looks_like_dicom, read_dicom, sort_key
 from onprem_label.imaging.errors import Rejected
 from onprem_label.imaging.raster import load_raster
+from onprem_label.logs import HIDE_EXCEPTION_TEXT
 
 _READ = 1 << 20
 log = logging.getLogger("onprem_label.imaging")
@@ -121,7 +122,8 @@ def prepare_or_reject(stream: BinaryIO, options: PrepareOptions, *, digest: str 
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - see the docstring; Rust panics are BaseException
-        log.exception("unexpected error preparing a file")
+        # The exception's text may quote the file (a decoder's message with a patient's name in it).
+        log.exception("unexpected error preparing a file", extra=HIDE_EXCEPTION_TEXT)
         raise Rejected(errors.CORRUPT, f"unexpected error while reading the file ({type(exc).__name__})") from None
 
 
