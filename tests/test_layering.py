@@ -14,7 +14,7 @@ import onprem_label
 from onprem_label.cli import cli
 
 PACKAGE_DIR = Path(onprem_label.__file__).resolve().parent
-CORE = ("config", "db", "storage", "imaging", "workflow", "audit", "auth", "exchange", "dicomnet")
+CORE = ("config", "db", "storage", "imaging", "workflow", "audit", "auth", "exchange", "dicomnet", "backup")
 REQUIRED_CORE = ("config", "db", "storage", "audit", "auth")
 # Anything the web layer stands on; reaching one of these drags Flask into the core.
 FORBIDDEN = ("flask", "flask_login", "flask_wtf", "werkzeug", "onprem_label.web", "onprem_label.app",
@@ -36,6 +36,9 @@ MAY_IMPORT = {
     "exchange": {"db", "storage", "imaging", "audit"},
     # The DICOM receiver ingests through imaging and reads each project's dicom_callers (workflow.settings).
     "dicomnet": {"db", "storage", "imaging", "audit", "workflow"},
+    # A backup snapshots the database, copies the blob store, checks the audit chain and records
+    # backup:create/verify/restore like every other state change.
+    "backup": {"db", "storage", "audit"},
 }
 
 
