@@ -165,8 +165,8 @@ def postgresql_state(url: str) -> tuple[list[str], set[str]]:
     engine = make_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            relations = [r[0] for r in conn.exec_driver_sql(_USER_OBJECTS)]
-            functions = {r[0] for r in conn.exec_driver_sql(_FUNCTIONS)}
+            relations = [r[0] for r in conn.execute(text(_USER_OBJECTS))]
+            functions = {r[0] for r in conn.execute(text(_FUNCTIONS))}
             conn.rollback()
             return relations, functions
     finally:
@@ -195,7 +195,7 @@ def undo_postgresql(url: str, functions_before: set[str]) -> None:
                     "SELECT quote_ident(sequence_schema) || '.' || quote_ident(sequence_name) "
                     "FROM information_schema.sequences WHERE sequence_schema = current_schema()").all():
                 conn.exec_driver_sql(f"DROP SEQUENCE IF EXISTS {sequence[0]} CASCADE")
-            for function in {r[0] for r in conn.exec_driver_sql(_FUNCTIONS)} - functions_before:
+            for function in {r[0] for r in conn.execute(text(_FUNCTIONS))} - functions_before:
                 conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {function} CASCADE")
     finally:
         engine.dispose()

@@ -2,8 +2,9 @@
 
 Order matters:
 1. keyring.json, the config file, the audit checkpoint file and the DICOM spool are read first.
-   Every checkpoint in the file then names events already committed, so all of them are in the
-   snapshot taken next (a checkpoint written later would make the restored chain look cut off);
+   A checkpoint is written only after its events are committed, so every one read now names
+   events the snapshot taken next holds (one written later would make the restored chain look
+   cut off);
    an instance still in the spool is either in the snapshot too (a harmless duplicate the
    receiver recognises) or acknowledged but not yet stored, and then it is kept this way.
 2. The database snapshot (SQLite backup API in one read transaction / pg_dump in an exported
@@ -132,9 +133,10 @@ def _write_backup(settings: Settings, keyring: Keyring, dest: Path, keyring_befo
     size, sha = copying.hash_file(dest / db_name)
     files[db_name] = {"size": size, "sha256": sha}
 
-    kept = [line for line in checkpoints if _checkpoint_count(line) <= facts.audit_last_id]
+    # Copied as read, never filtered: a checkpoint beyond the snapshot's last event can only mean
+    # the live chain was cut off, and that evidence must reach `backup verify` and the restore.
     if checkpoints or settings.audit_checkpoint_path.exists():
-        _write(dest / CHECKPOINT_NAME, "".join(kept).encode(), files, CHECKPOINT_NAME)
+        _write(dest / CHECKPOINT_NAME, "".join(checkpoints).encode(), files, CHECKPOINT_NAME)
     for file_name in facts.archive_files:
         name = f"{ARCHIVE_DIR}/{Path(file_name).name}"
         try:
@@ -154,7 +156,7 @@ def _write_backup(settings: Settings, keyring: Keyring, dest: Path, keyring_befo
         "source": {"data_dir": str(data), "host": socket.gethostname()},
         "master_key_id": json.loads(keyring_before)["master_key_id"], "blob_key_ids": key_ids,
         "database": {"file": db_name, "rows": facts.rows},
-        "audit": {"last_id": facts.audit_last_id, "head": facts.audit_head, "checkpoints": len(kept),
+        "audit": {"last_id": facts.audit_last_id, "head": facts.audit_head, "checkpoints": len(checkpoints),
                   "archives": len(facts.archive_files)},
         "blobs": {"count": len(facts.blobs), "bytes": sum(s for _, s in facts.blobs)},
         "dicom_spool": spooled, "files": files,
@@ -198,14 +200,6 @@ def _read_whole_lines(path: Path) -> list[str]:
         return []
     lines = text.splitlines(keepends=True)
     return [line for line in lines if line.endswith("\n")]
-
-
-def _checkpoint_count(line: str) -> int:
-    """The event count of a checkpoint line; 0 for a line that is not one (kept: verify reports it)."""
-    try:
-        return int(json.loads(line)["count"])
-    except (ValueError, KeyError, TypeError):
-        return 0
 
 
 def _copy_spool(data: Path, dest: Path, files: dict, never: set[Path]) -> int:
