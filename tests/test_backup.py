@@ -349,3 +349,18 @@ def test_verify_without_the_key_at_hand_says_how_to_go_on(site, tmp_path):
     _ok(site.run("backup", str(dest)))
     create_key_file(tmp_path / "other.key")
     _fails(site.run("backup", "verify", str(dest), "--key-file", str(tmp_path / "other.key")), "--no-key")
+
+
+def test_restore_with_a_key_file_elsewhere_keeps_it_in_the_restored_settings(site, tmp_path, restore_url):
+    """--key-file (and --database-url) go into the restored onprem-label.toml: later commands find them."""
+    dest = tmp_path / "backup"
+    _ok(site.run("backup", str(dest)))
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    shutil.copy(site.settings.key_path, keys / "site.key")
+    new = Site(tmp_path / "restored", {})
+    _ok(new.run("restore", str(dest), "--key-file", str(keys / "site.key"), *_restore_args(restore_url)))
+    settings = new.settings
+    assert settings.key_path == keys / "site.key" and settings.sources["key_file"].endswith("onprem-label.toml")
+    assert settings.database_url == restore_url
+    assert "no faults" in _ok(new.run("doctor", "--storage"))
