@@ -105,6 +105,8 @@ def restore_backup(source: Path, target: Path, *, database_url: str | None = Non
 def _place_config(source: Path, target: Path, body: dict, database_url: str | None,
                   key_file: str | None) -> Settings:
     """Write the backup's config file (with the restore's own database_url/key_file) and load the settings."""
+    if key_file:  # kept in the settings file: relative to nothing but the restore's working folder
+        key_file = str(Path(key_file).expanduser().resolve())
     overrides = {k: v for k, v in (("database_url", database_url), ("key_file", key_file)) if v}
     original = ""
     if CONFIG_FILE_NAME in body["files"]:

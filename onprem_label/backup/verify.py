@@ -154,8 +154,9 @@ def verify_backup(folder: Path, keyring: Keyring | None = None, *,
                                    "another site's backup)")
         report.findings += check_key_ids(body, keyring)
         ids = [b for b in blob_ids(body) if (folder / "blobs" / b[:2] / b[2:4] / b).is_file()]
-        report.findings += authenticate_blobs(folder / "blobs", keyring, ids, progress)
-        report.blobs_authenticated = len(ids) - sum(1 for f in report.findings if f.startswith("blob "))
+        failed = authenticate_blobs(folder / "blobs", keyring, ids, progress)
+        report.findings += failed
+        report.blobs_authenticated = len(ids) - len(failed)
     else:
         report.notes.append("no key given: blobs, the manifest's HMAC and the audit chain were not "
                             "authenticated (files were checked against their checksums)")
