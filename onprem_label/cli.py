@@ -329,6 +329,7 @@ def db_check(ctx: click.Context) -> None:
 
 from onprem_label.cli_accounts import config_group, token_group, user_group  # noqa: E402
 from onprem_label.cli_audit import audit_group  # noqa: E402
+from onprem_label.cli_backup import backup_group, restore  # noqa: E402
 from onprem_label.cli_dicom import dicom_listen  # noqa: E402
 from onprem_label.cli_exchange import export_command, import_command  # noqa: E402
 from onprem_label.cli_ingest import ingest, project_group  # noqa: E402
@@ -345,6 +346,8 @@ cli.add_command(audit_group)
 cli.add_command(export_command)
 cli.add_command(import_command)
 cli.add_command(dicom_listen)
+cli.add_command(backup_group)
+cli.add_command(restore)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from onprem_label.cli import cli
 
 PACKAGE_DIR = Path(onprem_label.__file__).resolve().parent
 CORE = ("config", "logs", "db", "storage", "imaging", "workflow", "audit", "auth", "exchange", "dicomnet",
-        "health")
+        "health", "backup")
 REQUIRED_CORE = ("config", "db", "storage", "audit", "auth")
 # Anything the web layer stands on; reaching one of these drags Flask into the core.
 FORBIDDEN = ("flask", "flask_login", "flask_wtf", "werkzeug", "onprem_label.web", "onprem_label.app",
@@ -40,6 +40,9 @@ MAY_IMPORT = {
     "dicomnet": {"db", "storage", "imaging", "audit", "workflow"},
     # The doctor reads what the others keep (keys, blobs, schema, chain) and writes nothing.
     "health": {"db", "storage", "audit"},
+    # A backup snapshots the database, copies the blob store, checks the audit chain and records
+    # backup:create/verify/restore like every other state change.
+    "backup": {"db", "storage", "audit"},
 }
 
 
