@@ -158,7 +158,7 @@ def test_backup_verify_restore_round_trip(site, tmp_path, restore_url):
         engine.dispose()
     store = open_store(new.settings, open_keyring(new.settings))
     assert all(store.verify(blob_id) >= 0 for blob_id in ids)
-    assert "no faults" in _ok(new.run("doctor", "--storage"))
+    assert "doctor: every check ok" in _ok(new.run("doctor", "--storage"))
     assert "OK" in _ok(new.run("audit", "verify"))
 
 
@@ -363,4 +363,4 @@ def test_restore_with_a_key_file_elsewhere_keeps_it_in_the_restored_settings(sit
     settings = new.settings
     assert settings.key_path == keys / "site.key" and settings.sources["key_file"].endswith("onprem-label.toml")
     assert settings.database_url == restore_url
-    assert "no faults" in _ok(new.run("doctor", "--storage"))
+    assert "doctor: every check ok" in _ok(new.run("doctor", "--storage"))
