@@ -224,6 +224,50 @@ def test_restore_brings_a_backup_into_an_existing_empty_directory(site, tmp_path
     assert (target / "keyring.json").exists() and (target / "blobs").is_dir()
 
 
+def _linked_settings_target(tmp_path: Path, restore_url: str) -> tuple[Path, Path]:
+    """A data directory holding only a link to a settings file elsewhere, as install.sh leaves it."""
+    etc = tmp_path / "etc" / "onprem-label.toml"
+    etc.parent.mkdir()
+    etc.write_text(f'# the site\'s own settings\ndatabase_url = "{restore_url}"\n' if restore_url
+                   else "# the site's own settings\n")
+    target = tmp_path / "restored"
+    target.mkdir(mode=0o700)
+    (target / "onprem-label.toml").symlink_to(etc)
+    return target, etc
+
+
+def test_restore_keeps_a_data_directory_whose_only_file_is_its_settings_link(site, tmp_path, restore_url):
+    """install.sh links /etc's settings into the data directory: restore keeps that link and restores under it."""
+    dest = tmp_path / "backup"
+    _ok(site.run("backup", str(dest)))
+    target, etc = _linked_settings_target(tmp_path, restore_url)
+    before = etc.read_text()
+    shutil.copy(site.settings.key_path, tmp_path / "restored.key")
+    _ok(Site(target).run("restore", str(dest)))
+    assert (target / "onprem-label.toml").is_symlink() and etc.read_text() == before
+    assert (target / "keyring.json").exists()
+    restored = Site(target)
+    assert restored.settings.effective_database_url == (restore_url or f"sqlite:///{target / 'onprem-label.db'}")
+    assert restored.count(Blob) == site.count(Blob)
+
+
+def test_restore_under_a_kept_settings_link_refuses_options_and_undoes_around_it(site, tmp_path, restore_url):
+    """Options that would rewrite the kept settings are refused; a failed restore leaves the link alone."""
+    dest = tmp_path / "backup"
+    _ok(site.run("backup", str(dest)))
+    target, etc = _linked_settings_target(tmp_path, restore_url)
+    shutil.copy(site.settings.key_path, tmp_path / "restored.key")
+    _fails(Site(target).run("restore", str(dest), "--database-url", "sqlite:////nowhere/x.db"),
+           "kept as the restore's settings")
+    (tmp_path / "restored.key").unlink()
+    create_key_file(tmp_path / "restored.key")  # now a key that does not belong to the backup
+    _fails(Site(target).run("restore", str(dest)), "master key does not open this backup")
+    assert [p.name for p in target.iterdir()] == ["onprem-label.toml"]
+    assert (target / "onprem-label.toml").is_symlink()
+    if restore_url:
+        assert _tables(restore_url) == []
+
+
 def _blob_file(dest: Path) -> Path:
     return sorted(p for p in (dest / "blobs").rglob("*") if p.is_file())[0]
 

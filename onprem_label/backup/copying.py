@@ -133,12 +133,14 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def remove_made(folder: Path, made: bool) -> None:
-    """Undo a folder this run filled: remove it if it made it, else empty it again."""
+def remove_made(folder: Path, made: bool, keep: set[str] = frozenset()) -> None:
+    """Undo a folder this run filled: remove it if it made it, else empty it again but for `keep`."""
     if made:
         shutil.rmtree(folder, ignore_errors=True)
         return
     for child in folder.iterdir():
+        if child.name in keep:
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:

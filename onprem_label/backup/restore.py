@@ -69,12 +69,23 @@ def config_text(original: str, overrides: dict[str, str]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def check_target(target: Path, source: Path) -> None:
-    """Refuse a target data directory that is not new or empty, or overlaps the backup."""
+def check_target(target: Path, source: Path) -> bool:
+    """Refuse a target data directory that is not new or empty, or overlaps the backup.
+
+    A target holding nothing but its settings file counts as empty, and True says to keep that
+    file: install.sh links /etc/onprem-label/onprem-label.toml into the service's data directory,
+    and the site's settings (database, key file) are the ones to restore under.
+    """
     if target == source or source in target.parents or target in source.parents:
         raise BackupError(f"{target} overlaps the backup {source}; restore into a folder of its own")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if not target.exists():
+        return False
+    if not target.is_dir():
+        raise BackupError(f"{target} is not a folder: restore only into a new or empty data directory")
+    names = {child.name for child in target.iterdir()}
+    if names - {CONFIG_FILE_NAME}:
         raise BackupError(f"{target} is not empty: restore only into a new or empty data directory")
+    return bool(names)
 
 
 def restore_backup(source: Path, target: Path, *, database_url: str | None = None, key_file: str | None = None,
@@ -84,12 +95,12 @@ def restore_backup(source: Path, target: Path, *, database_url: str | None = Non
     started = time.monotonic()
     source, target = Path(source).expanduser().resolve(), Path(target).expanduser().resolve()
     body = manifest.read_manifest(source)
-    check_target(target, source)
+    keep_config = check_target(target, source)
     made_dir = not target.exists()
     undo: list[Callable[[], None]] = []
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        settings = _place_config(source, target, body, database_url, key_file)
+        settings = _place_config(source, target, body, database_url, key_file, keep_config)
         keyring, secret = _open_backup_keyring(source, settings, body, passphrase)
         report = _restore(source, target, settings, keyring, body, sample, progress, undo)
         _record(settings, target, body, source, report, secret, actor_name)
@@ -98,13 +109,21 @@ def restore_backup(source: Path, target: Path, *, database_url: str | None = Non
     except BaseException:
         for step in reversed(undo):
             step()
-        copying.remove_made(target, made_dir)
+        copying.remove_made(target, made_dir, keep={CONFIG_FILE_NAME} if keep_config else set())
         raise
 
 
 def _place_config(source: Path, target: Path, body: dict, database_url: str | None,
-                  key_file: str | None) -> Settings:
-    """Write the backup's config file (with the restore's own database_url/key_file) and load the settings."""
+                  key_file: str | None, keep_config: bool) -> Settings:
+    """Write the backup's config file (with the restore's own database_url/key_file) and load the settings.
+
+    With `keep_config` the target's own settings file stays as it is and is the one loaded.
+    """
+    if keep_config:
+        if database_url or key_file:
+            raise BackupError(f"{target / CONFIG_FILE_NAME} is kept as the restore's settings: put "
+                              "database_url or key_file in it instead of giving them as options")
+        return _checked_settings(target, body)
     if key_file:  # kept in the settings file: relative to nothing but the restore's working folder
         key_file = str(Path(key_file).expanduser().resolve())
     overrides = {k: v for k, v in (("database_url", database_url), ("key_file", key_file)) if v}
@@ -118,6 +137,11 @@ def _place_config(source: Path, target: Path, body: dict, database_url: str | No
     text = config_text(original, overrides)
     if text:
         copying.write_atomically(target / CONFIG_FILE_NAME, text.encode())
+    return _checked_settings(target, body)
+
+
+def _checked_settings(target: Path, body: dict) -> Settings:
+    """The target's settings, refused when their backend or checkpoint file cannot take this backup."""
     settings = load_settings({"data_dir": str(target)})
     backend = "sqlite" if settings.is_sqlite else "postgresql"
     if backend != body.get("backend"):
