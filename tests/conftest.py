@@ -115,6 +115,31 @@ def database_url(backend, request, tmp_path):
 
 
 @pytest.fixture
+def restore_url(backend, pg_template):
+    """A second empty database, for a restore: '' (SQLite in the new data directory) or a new PostgreSQL one."""
+    if backend == "sqlite":
+        yield ""
+        return
+    admin, _ = pg_template
+    name = f"onprem_r_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_client_programs(backend):
+    """pg_dump and pg_restore from Debian's postgresql-client, for the PostgreSQL runs of backup tests."""
+    if backend == "postgresql":
+        from debian_packages import ensure_program
+
+        ensure_program("/usr/bin/pg_dump", "postgresql-client")
+        ensure_program("/usr/bin/pg_restore", "postgresql-client")
+
+
+@pytest.fixture
 def empty_database_url(backend, request):
     """A fresh database with no tables at all, private to this test ('' = SQLite in the data dir).
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from onprem_label.db.engine import read_connection
 from onprem_label.db.models import AuditEvent, Blob
 from onprem_label.storage import open_keyring, open_store
 from onprem_label.storage.keys import create_key_file
-from conftest import PG_ADMIN_URL
+
+pytestmark = pytest.mark.usefixtures("pg_client_programs")
 
 
 @pytest.fixture(autouse=True)
@@ -83,33 +83,15 @@ def site(tmp_path, empty_database_url) -> Site:
     return site
 
 
-@pytest.fixture
-def restore_url(backend, pg_template):
-    """Where a restore puts its database: '' (SQLite in the new data directory) or a new empty PostgreSQL db."""
-    if backend == "sqlite":
-        yield ""
-        return
-    admin, _ = pg_template
-    name = f"onprem_r_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(autouse=True)
-def pg_client_programs(backend):
-    """pg_dump and pg_restore from Debian's postgresql-client, for the PostgreSQL runs."""
-    if backend == "postgresql":
-        from debian_packages import ensure_program
-
-        ensure_program("/usr/bin/pg_dump", "postgresql-client")
-        ensure_program("/usr/bin/pg_restore", "postgresql-client")
-
-
 def _restore_args(url: str) -> list[str]:
     return ["--database-url", url] if url else []
+
+
+def _assert_nothing_restored(target: Path, restore_url: str) -> None:
+    """A failed restore left no data directory and, for PostgreSQL, no table in the target database."""
+    assert not target.exists()
+    if restore_url:
+        assert _tables(restore_url) == []
 
 
 def _tables(url: str) -> list[str]:
@@ -189,9 +171,7 @@ def test_restore_with_the_wrong_key_fails_clearly_and_leaves_nothing(site, tmp_p
     line = _fails(new.run("restore", str(dest), *_restore_args(restore_url)),
                   "master key does not open this backup")
     assert "nothing was restored" in line
-    assert not (tmp_path / "restored").exists()
-    if restore_url:
-        assert _tables(restore_url) == []
+    _assert_nothing_restored(tmp_path / "restored", restore_url)
 
 
 def test_restore_refuses_a_non_empty_directory_or_database(site, tmp_path, restore_url):
@@ -321,9 +301,7 @@ def test_restore_of_a_damaged_backup_fails_and_leaves_nothing(site, tmp_path, re
     shutil.copy(site.settings.key_path, tmp_path / "restored.key")
     _fails(Site(tmp_path / "restored").run("restore", str(dest), *_restore_args(restore_url)),
            f"{blob.relative_to(dest).as_posix()} in the backup does not match its checksum")
-    assert not (tmp_path / "restored").exists()
-    if restore_url:
-        assert _tables(restore_url) == []
+    _assert_nothing_restored(tmp_path / "restored", restore_url)
 
 
 def test_restore_failing_after_the_database_is_in_undoes_the_database(site, tmp_path, restore_url):
@@ -350,9 +328,7 @@ def test_restore_failing_after_the_database_is_in_undoes_the_database(site, tmp_
     shutil.copy(site.settings.key_path, tmp_path / "restored.key")
     _fails(Site(tmp_path / "restored").run("restore", str(dest), *_restore_args(restore_url)),
            "restored audit chain does not verify: truncated")
-    assert not (tmp_path / "restored").exists()
-    if restore_url:
-        assert _tables(restore_url) == []
+    _assert_nothing_restored(tmp_path / "restored", restore_url)
 
 
 def test_an_incomplete_backup_is_never_reported_complete(site, tmp_path, restore_url):

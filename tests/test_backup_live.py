@@ -25,21 +25,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, insert, literal, select, text
+from sqlalchemy import insert, select, text
 
-from conftest import PG_ADMIN_URL
-from onprem_label.audit.chain import attach
 from onprem_label.audit.site import chain_for
 from onprem_label.audit.verify import verify_chain
-from onprem_label.auth import passwords, tokens
 from onprem_label.config import load_settings
-from onprem_label.db import make_engine, make_sessionmaker
+from onprem_label.db import make_engine
 from onprem_label.db.engine import read_connection
-from onprem_label.db.models import Blob, Item, Task, User
+from onprem_label.db.models import Blob, Item, Task
 from onprem_label.storage import open_keyring, open_store
+from site_helpers import add_image_less_tasks, add_people
 from workflow_helpers import BOX, SCHEMA
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pg_client_programs")]
 
 LOOPBACK = "127.0.0.1"
 TASKS = 3000
@@ -73,78 +71,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(autouse=True)
-def pg_client_programs(backend):
-    """pg_dump and pg_restore from Debian's postgresql-client, for the PostgreSQL runs."""
-    if backend == "postgresql":
-        from debian_packages import ensure_program
-
-        ensure_program("/usr/bin/pg_dump", "postgresql-client")
-        ensure_program("/usr/bin/pg_restore", "postgresql-client")
-
-
-@pytest.fixture
-def restore_url(backend, pg_template):
-    """'' (SQLite in the restored data directory) or a new empty PostgreSQL database."""
-    if backend == "sqlite":
-        yield ""
-        return
-    admin, _ = pg_template
-    name = f"onprem_r_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 # --- the site ----------------------------------------------------------------------------------
 
 def _settings(data: Path, url: str):
     return load_settings({"data_dir": str(data), "database_url": url}, env={})
-
-
-def _people(data: Path, url: str) -> dict[str, str]:
-    """A manager, the labelers and reviewers with one API token each: {name: token}."""
-    now = datetime.now(timezone.utc)
-    password_hash = passwords.hash_password("backup under load passphrase 9")
-    names = [("manager", "manager")] + [(f"labeler{n:02d}", "labeler") for n in range(LABELERS)] \
-        + [(f"reviewer{n}", "reviewer") for n in range(REVIEWERS)]
-    engine = make_engine(url)
-    out = {}
-    try:
-        maker = make_sessionmaker(engine)
-        attach(maker, chain_for(_settings(data, url), open_keyring(_settings(data, url))))
-        with maker() as db:
-            for name, role in names:
-                user = User(username=name, display_name=name, password_hash=password_hash, roles=role,
-                            active=True, must_change_password=False, failed_logins=0, created_at=now,
-                            recovery_codes=[], totp_enabled=False)
-                db.add(user)
-                db.flush()
-                out[name] = tokens.create_token(db, user, "backup", now=now)[0]
-            db.commit()
-    finally:
-        engine.dispose()
-    return out
-
-
-def _add_tasks(url: str, project_id: int, count: int) -> None:
-    """`count` image-less items and their new tasks, bulk-inserted."""
-    now = datetime.now(timezone.utc)
-    engine = make_engine(url)
-    try:
-        with engine.begin() as conn:
-            row = {"project_id": project_id, "kind": "raster", "width": 64, "height": 64, "frames": 1,
-                   "source": "cli", "created_at": now}
-            conn.execute(insert(Item), [row] * count)
-            conn.execute(insert(Task).from_select(
-                ["project_id", "item_id", "state", "round", "version", "active_seconds", "created_at",
-                 "updated_at"],
-                select(Item.project_id, Item.id, literal("new"), literal(0), literal(1), literal(0),
-                       Item.created_at, Item.created_at).where(Item.project_id == project_id)))
-    finally:
-        engine.dispose()
 
 
 @dataclass
@@ -302,7 +232,8 @@ def test_backup_while_sixteen_clients_work_restores_everything_accepted_before_i
     db_url = url or f"sqlite:///{data / 'onprem-label.db'}"
     # Checkpoints every 50 events, so the checkpoint file grows during the backup too.
     (data / "onprem-label.toml").write_text("audit_checkpoint_every = 50\n")
-    people = _people(data, db_url)
+    people = {name: token for name, (_, token) in add_people(
+        data, db_url, labelers=LABELERS, reviewers=REVIEWERS, token_name="backup").items()}
     proc, port, log = _serve(data, url)
     ledger, stop, threads = Ledger(), threading.Event(), []
     try:
@@ -316,7 +247,7 @@ def test_backup_while_sixteen_clients_work_restores_everything_accepted_before_i
                 role = "labeler" if name.startswith("labeler") else "reviewer"
                 assert manager.call("POST", f"/api/v1/projects/{project['id']}/members",
                                     {"username": name, "role": role})[0] == 201
-        _add_tasks(db_url, project["id"], TASKS)
+        add_image_less_tasks(db_url, project["id"], TASKS)
         for name, token in people.items():
             target = _uploader if name == "manager" else _labeler if name.startswith("labeler") else _reviewer
             threads.append(threading.Thread(target=_run, args=(target, Client(name, token, port, ledger),

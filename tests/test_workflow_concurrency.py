@@ -22,21 +22,16 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, insert, literal, select
+from sqlalchemy import func, select
 
-from onprem_label.auth import passwords, tokens
-from onprem_label.audit.chain import attach
-from onprem_label.audit.site import chain_for
 from onprem_label.audit.verify import verify_chain
-from onprem_label.config import load_settings
 from onprem_label.db import make_engine, make_sessionmaker
 from onprem_label.db.engine import read_connection
-from onprem_label.db.models import Annotation, AuditEvent, Item, Review, Task, User
-from onprem_label.storage import open_keyring
+from onprem_label.db.models import Annotation, AuditEvent, Review, Task
+from site_helpers import add_image_less_tasks, add_people, site_chain
 from workflow_helpers import BOX, SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -308,58 +303,6 @@ def _run_client(target, person: Person, *args) -> None:
 
 # --- arranging ---------------------------------------------------------------------------------
 
-def _site_chain(data: Path, database_url: str):
-    """The audit chain of the data directory (its keyring seals what the test writes directly)."""
-    settings = load_settings({"data_dir": str(data), "database_url": database_url}, env={})
-    return chain_for(settings, open_keyring(settings))
-
-
-def _people(data: Path, database_url: str) -> dict[str, tuple[int, str]]:
-    """The manager, labelers and reviewers with an API token each: {name: (user id, token)}."""
-    now = datetime.now(timezone.utc)
-    # One scrypt hash for all (as conftest's make_user does): 19 full-cost hashes would take ~12 s.
-    password_hash = passwords.hash_password("concurrent labeling passphrase 7")
-    names = [("manager", "manager")] + [(f"labeler{n:02d}", "labeler") for n in range(LABELERS)] \
-        + [(f"reviewer{n}", "reviewer") for n in range(REVIEWERS)]
-    engine = make_engine(database_url)
-    out = {}
-    try:
-        maker = make_sessionmaker(engine)
-        attach(maker, _site_chain(data, database_url))
-        with maker() as db:
-            for name, role in names:
-                user = User(username=name, display_name=name, password_hash=password_hash, roles=role,
-                            active=True, must_change_password=False, failed_logins=0, created_at=now,
-                            recovery_codes=[], totp_enabled=False)
-                db.add(user)
-                db.flush()
-                out[name] = (user.id, tokens.create_token(db, user, "concurrency", now=now)[0])
-            db.commit()
-    finally:
-        engine.dispose()
-    return out
-
-
-def _add_tasks(database_url: str, project_id: int, count: int) -> None:
-    """`count` image-less items and their new tasks, bulk-inserted (Core, no ORM objects)."""
-    now = datetime.now(timezone.utc)
-    engine = make_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            row = {"project_id": project_id, "kind": "raster", "width": 64, "height": 64, "frames": 1,
-                   "source": "cli", "created_at": now}
-            conn.execute(insert(Item), [row] * count)
-            conn.execute(insert(Task).from_select(
-                ["project_id", "item_id", "state", "round", "version", "active_seconds", "created_at",
-                 "updated_at"],
-                select(Item.project_id, Item.id, literal("new"), literal(0), literal(1), literal(0),
-                       Item.created_at, Item.created_at).where(Item.project_id == project_id)))
-    finally:
-        engine.dispose()
-
-
-# --- the workload and its checks -----------------------------------------------------------------
-
 def _workload(tmp_path: Path, database_url: str, server_count: int) -> None:
     """Init, start the servers, arrange, let everyone work until all is accepted, then check it all."""
     data = tmp_path / "data"
@@ -370,10 +313,10 @@ def _workload(tmp_path: Path, database_url: str, server_count: int) -> None:
     try:
         for n in range(server_count):
             servers.append(_serve(data, database_url, f"serve{n}"))
-        people = _people(data, url)
+        people = add_people(data, url, labelers=LABELERS, reviewers=REVIEWERS, token_name="concurrency")
         manager = Person("manager", people["manager"][1], servers[0].port, ledger)
         project_id = _project_with_team(manager, people)
-        _add_tasks(url, project_id, TASKS)
+        add_image_less_tasks(url, project_id, TASKS)
         t_ready = time.monotonic()
         counts = _work(servers, people, project_id, manager, ledger)
         t_done = time.monotonic()
@@ -388,7 +331,7 @@ def _workload(tmp_path: Path, database_url: str, server_count: int) -> None:
     engine = make_engine(url)
     try:
         with read_connection(engine, snapshot=True) as conn:
-            result = verify_chain(conn, _site_chain(data, database_url))
+            result = verify_chain(conn, site_chain(data, database_url))
         assert result.ok and result.events > TASKS * 3, result.as_dict()
     finally:
         engine.dispose()

@@ -55,6 +55,22 @@ def parse_line(line: str) -> Checkpoint | None:
         return None
 
 
+def read_checkpoint_file(path: Path) -> tuple[list[Checkpoint], int]:
+    """(checkpoints in file order, count of lines that are not checkpoints); ([], 0) with no file."""
+    if not path.exists():
+        return [], 0
+    good, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                checkpoint = parse_line(line)
+                if checkpoint is None:
+                    bad += 1
+                else:
+                    good.append(checkpoint)
+    return good, bad
+
+
 class CheckpointLog:
     """The checkpoint file of one data directory."""
 
@@ -79,15 +95,4 @@ class CheckpointLog:
 
     def read(self) -> tuple[list[Checkpoint], int]:
         """(checkpoints in file order, count of lines that are not checkpoints)."""
-        if not self.path.exists():
-            return [], 0
-        good, bad = [], 0
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    checkpoint = parse_line(line)
-                    if checkpoint is None:
-                        bad += 1
-                    else:
-                        good.append(checkpoint)
-        return good, bad
+        return read_checkpoint_file(self.path)

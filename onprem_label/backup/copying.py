@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -117,22 +118,6 @@ def sync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `path` as temp file + fsync + rename + fsync of the directory."""
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def remove_made(folder: Path, made: bool, keep: set[str] = frozenset()) -> None:
     """Undo a folder this run filled: remove it if it made it, else empty it again but for `keep`."""
     if made:
@@ -145,3 +130,11 @@ def remove_made(folder: Path, made: bool, keep: set[str] = frozenset()) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def no_progress(_label: str, _total: int):
+    """A progress callback that shows nothing (the core's default; the CLI passes click's bars)."""
+    class _Bar:
+        def update(self, _n: int) -> None:
+            pass
+    return nullcontext(_Bar())

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from onprem_label.backup.copying import write_atomically
+from onprem_label.storage.durable import write_atomically
 from onprem_label.backup.errors import BackupError
 
 MANIFEST_FILE = "manifest.json"

@@ -15,7 +15,6 @@ import json
 import random
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,11 +22,13 @@ from typing import Callable
 from onprem_label.audit import AuditAction, record
 from onprem_label.audit.chain import attach, audit_key, legacy_sealer
 from onprem_label.audit.site import chain_for
+from onprem_label.audit.checkpoints import read_checkpoint_file
 from onprem_label.audit.verify import verify_database
 from onprem_label.backup import copying, database, manifest
 from onprem_label.backup.errors import BackupError
+from onprem_label.storage.durable import write_atomically
 from onprem_label.backup.snapshot import CHECKPOINT_NAME
-from onprem_label.backup.verify import (authenticate_blobs, blob_ids, check_key_ids, checkpoints_of,
+from onprem_label.backup.verify import (authenticate_blobs, blob_ids, check_key_ids,
                                         compare_facts)
 from onprem_label.clock import utcnow
 from onprem_label.config import CONFIG_FILE_NAME, Settings, load_settings
@@ -51,13 +52,6 @@ class RestoreReport:
     audit_events: int
     upgraded_from: str | None
     seconds: float
-
-
-def _no_progress(_label: str, _total: int):
-    class _Bar:
-        def update(self, _n: int) -> None:
-            pass
-    return nullcontext(_Bar())
 
 
 def config_text(original: str, overrides: dict[str, str]) -> str:
@@ -90,7 +84,7 @@ def check_target(target: Path, source: Path) -> bool:
 
 def restore_backup(source: Path, target: Path, *, database_url: str | None = None, key_file: str | None = None,
                    passphrase: Callable[[Settings], str | None] = lambda s: None, sample: int | None = None,
-                   progress: Callable = _no_progress, actor_name: str = "") -> RestoreReport:
+                   progress: Callable = copying.no_progress, actor_name: str = "") -> RestoreReport:
     """Restore the backup `source` into the data directory `target` (new or empty); see the module doc."""
     started = time.monotonic()
     source, target = Path(source).expanduser().resolve(), Path(target).expanduser().resolve()
@@ -136,7 +130,7 @@ def _place_config(source: Path, target: Path, body: dict, database_url: str | No
         original = raw.decode()
     text = config_text(original, overrides)
     if text:
-        copying.write_atomically(target / CONFIG_FILE_NAME, text.encode())
+        write_atomically(target / CONFIG_FILE_NAME, text.encode())
     return _checked_settings(target, body)
 
 
@@ -241,7 +235,7 @@ def _check_database(settings: Settings, keyring, body: dict, target: Path, copie
             findings = compare_facts(database.read_facts(conn), body)
             if findings:
                 raise BackupError(f"the restored database differs from the manifest: {findings[0]}")
-            checkpoints, bad = checkpoints_of(settings.audit_checkpoint_path)
+            checkpoints, bad = read_checkpoint_file(settings.audit_checkpoint_path)
             result = verify_database(conn, audit_key(keyring), checkpoints, bad)
         if not result.ok:
             raise BackupError(f"the restored audit chain does not verify: {result.problem.kind} at event "

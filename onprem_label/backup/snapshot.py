@@ -24,7 +24,6 @@ import json
 import os
 import socket
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,13 +58,6 @@ class BackupReport:
     seconds: float
 
 
-def _no_progress(_label: str, _total: int):
-    class _Bar:
-        def update(self, _n: int) -> None:
-            pass
-    return nullcontext(_Bar())
-
-
 def check_destination(dest: Path, settings: Settings) -> None:
     """Refuse a destination that is not new or empty, or that is inside the data directory (or it in it)."""
     data = settings.data_path
@@ -84,7 +76,7 @@ def key_files(settings: Settings) -> set[Path]:
 
 
 def create_backup(settings: Settings, keyring: Keyring, dest: Path, *,
-                  progress: Callable = _no_progress) -> BackupReport:
+                  progress: Callable = copying.no_progress) -> BackupReport:
     """Write a complete backup of `settings`' site into the new or empty folder `dest`.
 
     `progress(label, total)` returns a context whose value has `update(n)` (click.progressbar).

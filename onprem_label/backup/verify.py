@@ -10,13 +10,12 @@ its rows and chain are checked when it is restored.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from onprem_label.audit.chain import audit_key
-from onprem_label.audit.checkpoints import parse_line
+from onprem_label.audit.checkpoints import read_checkpoint_file
 from onprem_label.audit.verify import verify_database
 from onprem_label.backup import copying, database, manifest
 from onprem_label.backup.snapshot import CHECKPOINT_NAME
@@ -50,19 +49,12 @@ class VerifyReport:
                 "created_at": self.body.get("created_at"), "backend": self.body.get("backend")}
 
 
-def _no_progress(_label: str, _total: int):
-    class _Bar:
-        def update(self, _n: int) -> None:
-            pass
-    return nullcontext(_Bar())
-
-
 def blob_ids(body: dict) -> list[str]:
     """The blob ids a manifest lists (its files under blobs/)."""
     return sorted(name.rsplit("/", 1)[1] for name in body["files"] if name.startswith("blobs/"))
 
 
-def check_files(folder: Path, body: dict, progress: Callable = _no_progress) -> tuple[list[str], int, int]:
+def check_files(folder: Path, body: dict, progress: Callable = copying.no_progress) -> tuple[list[str], int, int]:
     """(findings, files hashed, bytes hashed): missing, extra and changed files."""
     listed, present = body["files"], manifest.files_on_disk(folder)
     findings = [f"missing: {name}" for name in sorted(set(listed) - present)]
@@ -83,7 +75,7 @@ def check_files(folder: Path, body: dict, progress: Callable = _no_progress) -> 
     return findings, len(results), sum(r[1] for r in results)
 
 
-def authenticate_blobs(root: Path, keyring: Keyring, ids: list[str], progress: Callable = _no_progress) -> list[str]:
+def authenticate_blobs(root: Path, keyring: Keyring, ids: list[str], progress: Callable = copying.no_progress) -> list[str]:
     """Decrypt every blob and check its content against its id; a finding per blob that fails."""
     store = EncryptedBlobStore(root, keyring)
 
@@ -106,21 +98,6 @@ def check_key_ids(body: dict, keyring: Keyring) -> list[str]:
             for key_id, count in sorted(body.get("blob_key_ids", {}).items()) if key_id not in held]
 
 
-def checkpoints_of(path: Path) -> tuple[list, int]:
-    """(checkpoints, lines that are not checkpoints) of a checkpoint file in a backup or data dir."""
-    if not path.exists():
-        return [], 0
-    good, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.strip():
-            checkpoint = parse_line(line)
-            if checkpoint is None:
-                bad += 1
-            else:
-                good.append(checkpoint)
-    return good, bad
-
-
 def compare_facts(facts: database.SnapshotFacts, body: dict) -> list[str]:
     """Findings where a database's counts, blob list or audit head differ from the manifest."""
     findings = []
@@ -138,7 +115,7 @@ def compare_facts(facts: database.SnapshotFacts, body: dict) -> list[str]:
 
 
 def verify_backup(folder: Path, keyring: Keyring | None = None, *,
-                  progress: Callable = _no_progress) -> VerifyReport:
+                  progress: Callable = copying.no_progress) -> VerifyReport:
     """Check a backup folder; ManifestError when it has no (readable) manifest, i.e. is incomplete."""
     folder = Path(folder).expanduser().resolve()
     body = manifest.read_manifest(folder)
@@ -176,7 +153,7 @@ def _check_sqlite_snapshot(folder: Path, db_file: Path, body: dict, keyring, rep
         with database.sqlite_file_connection(db_file) as conn:
             findings = compare_facts(database.read_facts(conn), body)
             if keyring is not None:
-                checkpoints, bad = checkpoints_of(folder / CHECKPOINT_NAME)
+                checkpoints, bad = read_checkpoint_file(folder / CHECKPOINT_NAME)
                 result = verify_database(conn, audit_key(keyring), checkpoints, bad)
                 report.audit_events = result.events
                 if not result.ok:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from onprem_label.storage import format as fmt
+from onprem_label.storage.durable import fsync_dir
 from onprem_label.storage.format import IntegrityError
 from onprem_label.storage.keyring import Keyring
 
@@ -70,15 +71,6 @@ def private_opener(path, flags: int) -> int:
     Blob files are ciphertext, but their sizes and count are still nobody else's business.
     """
     return os.open(path, flags, 0o600)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries durable (a new or renamed file's name survives a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EncryptedBlobStore:

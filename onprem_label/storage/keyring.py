@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onprem_label.storage import format as fmt
+from onprem_label.storage.durable import write_atomically
 from onprem_label.storage.format import IntegrityError
 from onprem_label.storage.keys import KeyFileError, derive_key, load_key_file
 
@@ -79,19 +80,7 @@ def read_state(data_dir: Path) -> dict:
 
 def write_state(data_dir: Path, state: dict) -> None:
     """Replace the keyring file atomically (temp file, fsync, rename, fsync directory)."""
-    path = keyring_path(data_dir)
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(state, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(keyring_path(data_dir), json.dumps(state, indent=2, sort_keys=True).encode())
 
 
 def passphrase_key(passphrase: str, params: dict) -> bytes:
