@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +109,10 @@ def plant_temp(site: Site) -> str:
     """A temp file a killed writer left behind."""
     store = site.store()
     store.tmp_dir.mkdir(exist_ok=True)
-    (store.tmp_dir / "5f3a9c0e1d2b4a6f8e7d6c5b4a392817.part").write_bytes(b"\0" * 300)
+    temp = store.tmp_dir / "5f3a9c0e1d2b4a6f8e7d6c5b4a392817.part"
+    temp.write_bytes(b"\0" * 300)
+    hours_ago = time.time() - 2 * 3600  # older than the repair's grace period
+    os.utime(temp, (hours_ago, hours_ago))
     return "5f3a9c0e1d2b4a6f8e7d6c5b4a392817.part"
 
 
@@ -263,6 +267,18 @@ def test_repair_of_only_temp_leftovers_exits_zero(site):
     assert storage_findings(result) == [] and "removed 1 temp leftovers" in result.stdout
     assert list(site.store().iter_temp()) == []
     assert site.run("doctor", "--storage").exit_code == 0
+
+
+def test_repair_leaves_a_temp_file_younger_than_an_hour(site):
+    """A temp file written just now may be an upload still at work: --repair reports it and keeps it."""
+    store = site.store()
+    store.tmp_dir.mkdir(exist_ok=True)
+    (store.tmp_dir / "0123456789abcdef0123456789abcdef.part").write_bytes(b"\0" * 300)
+    result = site.run("doctor", "--storage", "--repair")
+    assert result.exit_code == 1, result.output
+    assert storage_findings(result) == [("warning", "temp leftover: 0123456789abcdef0123456789abcdef.part "
+                                         "(younger than an hour, perhaps still being written; left alone)")]
+    assert [t.name for t in store.iter_temp()] == ["0123456789abcdef0123456789abcdef.part"]
 
 
 def test_doctor_without_repair_writes_no_audit_event(site):

@@ -226,6 +226,21 @@ def test_database_and_checkpoint_files_open_to_others_warn(site):
         ("warning", f"{p} is open to others (mode 644); run 'chmod 600 {p}'") for p in files)
 
 
+def test_config_link_is_judged_by_the_file_it_names(tmp_path):
+    """install.sh's link from the data directory to /etc's 0640 config is fine; the file opened to others is not."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    etc = tmp_path / "etc" / "onprem-label.toml"
+    etc.parent.mkdir()
+    etc.write_text('database_url = "postgresql+psycopg://onprem:s3cret@db.example/onprem"\n')
+    etc.chmod(0o640)
+    (data / "onprem-label.toml").symlink_to(etc)
+    assert [f.severity for f in check_permissions(load_settings({"data_dir": str(data)}, env={}))] == ["ok"]
+    etc.chmod(0o644)
+    found = check_permissions(load_settings({"data_dir": str(data)}, env={}))
+    assert [(f.severity, str(etc.resolve()) in f.detail) for f in found] == [("problem", True)]
+
+
 def test_config_file_with_database_password_open_to_others(tmp_path):
     """A config file holding the database password must be closed to others (its mode alone is fine otherwise)."""
     data = tmp_path / "data"
@@ -235,7 +250,7 @@ def test_config_file_with_database_password_open_to_others(tmp_path):
     config.chmod(0o644)
     found = check_permissions(load_settings({"data_dir": str(data)}, env={}))
     assert found == [Finding("permissions", "problem", f"config file {config} holds the database password and is "
-                             f"open to others (mode 644); run 'chmod 600 {config}'")]
+                             f"open to others (mode 644); run 'chmod o-rwx,g-w {config.resolve()}'")]
     config.chmod(0o600)
     assert [f.severity for f in check_permissions(load_settings({"data_dir": str(data)}, env={}))] == ["ok"]
     config.write_text('port = 8443\n')
@@ -448,3 +463,15 @@ def test_exit_codes_are_the_monitoring_convention():
     assert exit_code([]) == 0
     with pytest.raises(ValueError):
         Finding("e", "fine", "?")
+
+
+def test_a_check_that_meets_an_unexpected_error_is_a_problem_not_a_traceback():
+    """Any error inside a check (a damaged row no parser takes, say) becomes a problem finding, exit 2."""
+    from onprem_label.health.doctor import _guard
+    from onprem_label.health.findings import PROBLEM
+
+    def broken():
+        raise ValueError("Invalid isoformat string: 'garbage'")
+
+    assert _guard("audit", broken) == [Finding("audit", PROBLEM, "could not run: ValueError: Invalid "
+                                               "isoformat string: 'garbage'")]

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
@@ -155,3 +156,11 @@ def read_connection(engine: Engine, *, snapshot: bool = False) -> Iterator[Conne
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """A session factory whose objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def sqlite_file(database_url: str) -> Path | None:
+    """The database file a SQLite URL names (resolved), or None for another database or a memory one."""
+    url = make_url(database_url)
+    if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database).resolve()

@@ -99,6 +99,9 @@ def _guard(check: str, run: Callable[[], list[Finding]]) -> list[Finding]:
         return [Finding(check, PROBLEM, f"could not run: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", ""))]
     except SQLAlchemyError as exc:
         return [Finding(check, PROBLEM, f"could not run: database error: {_first_line(exc)}")]
+    except Exception as exc:  # noqa: BLE001 - a damaged row (say a timestamp no parser takes) is a finding too
+        # Monitoring must read a problem (exit 2), not a traceback whose exit 1 says "warning".
+        return [Finding(check, PROBLEM, f"could not run: {type(exc).__name__}: {exc}")]
 
 
 def _first_line(exc: SQLAlchemyError) -> str:
@@ -125,7 +128,10 @@ def _open_database(settings: Settings) -> tuple[Engine | None, list[Finding]]:
     if database is not None and not database.exists():
         # Opening it would create an empty database: doctor writes nothing.
         return None, [Finding("database", PROBLEM, f"no database at {database}; run 'onprem-label init' first")]
-    engine = make_engine(settings.effective_database_url)
+    try:
+        engine = make_engine(settings.effective_database_url)
+    except Exception as exc:  # noqa: BLE001 - a URL the driver refuses, a driver not installed
+        return None, [Finding("database", PROBLEM, f"cannot open the database: {type(exc).__name__}: {exc}")]
     try:
         at_head, message = migrate.schema_status(engine)
     except SQLAlchemyError as exc:

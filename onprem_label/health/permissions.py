@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import make_url
 
 from onprem_label.config import CONFIG_FILE_NAME, Settings
+from onprem_label.db.engine import sqlite_file
 from onprem_label.health.findings import OK, PROBLEM, WARNING, Finding
 from onprem_label.storage.keyring import keyring_path
 
@@ -38,10 +39,7 @@ def _owner(uid: int) -> str:
 
 def sqlite_path(settings: Settings) -> Path | None:
     """The SQLite database file of `settings`, or None for PostgreSQL (or a memory database)."""
-    if not settings.is_sqlite:
-        return None
-    database = make_url(settings.effective_database_url).database
-    return Path(database).resolve() if database and database != ":memory:" else None
+    return sqlite_file(settings.effective_database_url) if settings.is_sqlite else None
 
 
 def config_holds_password(settings: Settings) -> bool:
@@ -73,11 +71,7 @@ def check_permissions(settings: Settings) -> list[Finding]:
                            f"(mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 700 {data}'"))
     if settings.key_source == "file":
         out += _key_file_findings(settings.key_path, data)
-    config = data / CONFIG_FILE_NAME
-    st = _mode(config)
-    if st is not None and _open_to_others(st) and config_holds_password(settings):
-        out.append(Finding(CHECK, PROBLEM, f"config file {config} holds the database password and is open to "
-                           f"others (mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {config}'"))
+    out += _config_findings(data / CONFIG_FILE_NAME, settings)
     files = [keyring_path(data), settings.audit_checkpoint_path]
     database = sqlite_path(settings)
     if database is not None:
@@ -90,6 +84,25 @@ def check_permissions(settings: Settings) -> list[Finding]:
     if not out:
         out.append(Finding(CHECK, OK, "data directory, key, database and checkpoint files closed to others"))
     return out
+
+
+def _config_findings(config: Path, settings: Settings) -> list[Finding]:
+    """A config file holding the database password must be closed to other users.
+
+    The file itself is judged, through a link: install.sh links /etc/onprem-label/onprem-label.toml
+    (root:onprem-label 0640) into the data directory, and the service's group must read it, so
+    group read is fine there; other users' bits and group write are not.
+    """
+    try:
+        st = config.stat()
+    except FileNotFoundError:
+        return []
+    mode = stat.S_IMODE(st.st_mode)
+    if not (mode & (stat.S_IRWXO | stat.S_IWGRP)) or not config_holds_password(settings):
+        return []
+    real = config.resolve()
+    return [Finding(CHECK, PROBLEM, f"config file {real} holds the database password and is open to "
+                    f"others (mode {mode:o}); run 'chmod o-rwx,g-w {real}'")]
 
 
 def _key_file_findings(key: Path, data: Path) -> list[Finding]:

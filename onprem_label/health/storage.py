@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -61,11 +62,23 @@ class StorageReport:
         return out + [Finding(CHECK, OK, f"{which}; every blob file has its row and every row its file")]
 
 
+TEMP_GRACE_SECONDS = 3600  # --repair removes only temp files older than this
+
+
+def _age_seconds(path) -> float:
+    """Seconds since `path` was last written (0 when it vanished meanwhile)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def check_storage(db: Session, store: EncryptedBlobStore, *, sample: int | None = None,
                   repair: bool = False, seed: int | None = None) -> StorageReport:
     """Compare blob files with Blob rows and authenticate blobs (all, or a random sample).
 
-    With `repair`, temp leftovers are removed (they are never referenced); everything else is
+    With `repair`, temp leftovers older than an hour are removed (they are never referenced;
+    younger ones may belong to a writer still at work); everything else is
     only reported, because deleting a blob or a row could lose data a person must look at.
     Under tmp/ only plain files are removed: put() never makes anything else, so a folder or a
     link there was put by a person and is reported, as is a file that cannot be removed.
@@ -76,6 +89,10 @@ def check_storage(db: Session, store: EncryptedBlobStore, *, sample: int | None 
             report.temp_leftovers.append(temp.name)
         elif temp.is_symlink() or not temp.is_file():
             report.temp_leftovers.append(f"{temp.name} (not a plain file; left alone)")
+        elif _age_seconds(temp) < TEMP_GRACE_SECONDS:
+            # An upload or ingest still writing it would fail at its final link.
+            report.temp_leftovers.append(f"{temp.name} (younger than an hour, perhaps still being written; "
+                                         "left alone)")
         else:
             try:
                 temp.unlink(missing_ok=True)
@@ -83,8 +100,11 @@ def check_storage(db: Session, store: EncryptedBlobStore, *, sample: int | None 
                 report.temp_leftovers.append(f"{temp.name} (cannot remove: {exc.strerror})")
             else:
                 report.removed_temp += 1
-    on_disk = set(store.iter_blobs())
+    # Rows first, then the files: a blob is linked into place before its row commits, so a blob
+    # stored between the two reads is at worst a file without a row (a warning), never a row
+    # without a file (a problem) on a busy but healthy server.
     in_db = set(db.scalars(select(Blob.id)))
+    on_disk = set(store.iter_blobs())
     report.orphan_blobs = sorted(on_disk - in_db)
     report.missing_blobs = sorted(in_db - on_disk)
     to_check = sorted(on_disk)
