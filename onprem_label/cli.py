@@ -22,6 +22,7 @@ from onprem_label.auth.errors import AuthError
 from onprem_label.clock import utcnow
 from onprem_label.config import Settings, SettingsError, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
+from onprem_label.db.engine import sqlite_file
 from onprem_label.logs import LogFileInUse, configure_logging, log_file_path
 from onprem_label.storage import PASSPHRASE_ENV, init_keyring, open_keyring, open_store
 from onprem_label.storage.keys import KeyFileError
@@ -81,8 +82,11 @@ def start_logging(settings: Settings, command: str) -> None:
 
 def open_database(settings: Settings, *, require_head: bool = True):
     """(engine, sessionmaker), refusing a database that is missing or not at head."""
-    if settings.is_sqlite and not (settings.data_path / DB_FILE_NAME).exists() and not settings.database_url:
-        raise CliError(f"no database in {settings.data_path}; run 'onprem-label init' first")
+    database_file = sqlite_file(settings.effective_database_url)
+    if database_file is not None and not database_file.exists():
+        # Opening it would create an empty database there (and a command would then act on it).
+        where = f"in {settings.data_path}" if not settings.database_url else f"at {database_file}"
+        raise CliError(f"no database {where}; run 'onprem-label init' first")
     engine = make_engine(settings.effective_database_url)
     if require_head:
         at_head, message = migrate.schema_status(engine)

@@ -136,6 +136,9 @@ def backup_verify(ctx: click.Context, dest: str, key_file: str | None, no_key: b
     folder = Path(dest).expanduser().resolve()
     keyring = None
     try:
+        if not no_key and not (folder / KEYRING_FILE).is_file() and (folder / "manifest.json").is_file():
+            raise CliError(f"{KEYRING_FILE} is missing from the backup: it cannot be authenticated "
+                           "(give --no-key to check the other files' checksums only)")
         if not no_key and (folder / KEYRING_FILE).is_file():
             try:
                 keyring = load_keyring(folder, settings.key_path, passphrase=_passphrase_for(folder)())

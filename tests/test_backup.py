@@ -384,3 +384,72 @@ def test_restore_with_a_key_file_elsewhere_keeps_it_in_the_restored_settings(sit
     assert settings.key_path == keys / "site.key" and settings.sources["key_file"].endswith("onprem-label.toml")
     assert settings.database_url == restore_url
     assert "doctor: every check ok" in _ok(new.run("doctor", "--storage"))
+
+
+def test_backup_of_a_sqlite_url_with_no_file_refuses_and_creates_nothing(site, tmp_path):
+    """A database_url naming a SQLite file that is not there is an error, not an empty "complete" backup."""
+    missing = tmp_path / "elsewhere" / "live.db"
+    missing.parent.mkdir()
+    dest = tmp_path / "backup"
+    _fails(site.run("backup", str(dest), env={"ONPREM_LABEL_DATABASE_URL": f"sqlite:///{missing}"}),
+           f"no database at {missing}")
+    assert not missing.exists() and not dest.exists()
+
+
+def test_restore_refuses_settings_that_name_another_sqlite_database(site, tmp_path):
+    """Checks, upgrade and the restore's audit event go into the restored database, never into one elsewhere."""
+    dest = tmp_path / "backup"
+    _ok(site.run("backup", str(dest)))
+    shutil.copy(site.settings.key_path, tmp_path / "restored.key")
+    elsewhere = tmp_path / "live-elsewhere.db"
+    _fails(Site(tmp_path / "restored").run("restore", str(dest), "--database-url", f"sqlite:///{elsewhere}"),
+           "not the restored")
+    assert not elsewhere.exists()
+    _assert_nothing_restored(tmp_path / "restored", "")
+
+
+def test_a_manifest_that_drops_the_keyring_is_called_tampered(site, tmp_path):
+    """Without keyring.json nothing could authenticate the manifest: verify, even --no-key, says so."""
+    dest = tmp_path / "backup"
+    _ok(site.run("backup", str(dest)))
+    body = json.loads((dest / MANIFEST_FILE).read_text())
+    del body["files"]["keyring.json"]
+    (dest / MANIFEST_FILE).write_text(json.dumps(body))
+    (dest / "keyring.json").unlink()
+    result = site.run("backup", "verify", str(dest), "--no-key")
+    assert result.exit_code == 1 and "tampered" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_site_without_a_checkpoint_file_backs_up_and_restores(site, tmp_path, restore_url):
+    """A backup of a site whose checkpoint file was lost restores (or refuses) in one line, never a traceback."""
+    site.settings.audit_checkpoint_path.unlink()
+    dest = tmp_path / "backup"
+    _ok(site.run("backup", str(dest)))
+    assert not (dest / "audit" / "checkpoints.log").exists()
+    shutil.copy(site.settings.key_path, tmp_path / "restored.key")
+    result = Site(tmp_path / "restored").run("restore", str(dest), *_restore_args(restore_url))
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 0 or len([line for line in result.output.splitlines()
+                                         if line.startswith("error: ")]) == 1, result.output
+
+
+def test_an_existing_empty_destination_is_closed_to_others(site, tmp_path):
+    """The backup folder holds a plaintext database: an existing empty one is made 0700 first."""
+    dest = tmp_path / "backup"
+    dest.mkdir(mode=0o755)
+    dest.chmod(0o755)
+    _ok(site.run("backup", str(dest)))
+    assert dest.stat().st_mode & 0o777 == 0o700
+
+
+def test_create_backup_itself_refuses_a_missing_sqlite_file(site, tmp_path):
+    """The core refuses too (not only the CLI's database check): sqlite3 would make an empty file and back it up."""
+    from onprem_label.backup.errors import BackupError
+    from onprem_label.backup.snapshot import create_backup
+
+    missing = tmp_path / "live.db"
+    settings = load_settings({"data_dir": str(site.data), "database_url": f"sqlite:///{missing}"}, env={})
+    with pytest.raises(BackupError, match="no SQLite database at"):
+        create_backup(settings, open_keyring(site.settings), tmp_path / "backup")
+    assert not missing.exists() and not (tmp_path / "backup").exists()

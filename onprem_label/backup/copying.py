@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
 import shutil
@@ -11,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
+
+from onprem_label.backup.errors import BackupError
 
 BUFFER_BYTES = 4 << 20
 # Four workers on two cores: while one waits for the disk another hashes (hashlib and file I/O
@@ -112,7 +115,14 @@ def sync_tree(root: Path) -> None:
     """
     fd = os.open(root, os.O_RDONLY)
     try:
-        if _SYNCFS is None or _SYNCFS(fd) != 0:
+        if _SYNCFS is None:
+            os.sync()
+        elif _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            if err != errno.ENOSYS:
+                # Since Linux 5.8 syncfs reports write-back errors: the data may not be on disk,
+                # so no manifest may say it is (sync(2) would report nothing).
+                raise BackupError(f"writing the backup to disk failed (syncfs: {os.strerror(err)}); it is not complete")
             os.sync()
     finally:
         os.close(fd)

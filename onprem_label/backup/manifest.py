@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from onprem_label.storage.durable import write_atomically
+from onprem_label.storage.keyring import KEYRING_FILE
 from onprem_label.backup.errors import BackupError
 
 MANIFEST_FILE = "manifest.json"
@@ -79,6 +80,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     for name in files:
         if not safe_name(name):
             raise ManifestError(f"{path} names a file outside the backup ({name!r})")
+    db = body.get("database")
+    if not isinstance(db, dict) or db.get("file") not in files or not isinstance(db.get("rows", {}), dict):
+        raise ManifestError(f"{path} is damaged: it names no database file of the backup")
+    if KEYRING_FILE not in files:
+        # Every backup writes it first; without it nothing could authenticate the manifest, so a
+        # manifest without it is a rewritten one, not an older kind.
+        raise ManifestError(f"{path} does not list {KEYRING_FILE}: the backup was tampered with")
     return body
 
 

@@ -32,6 +32,7 @@ from onprem_label.backup.verify import (authenticate_blobs, blob_ids, check_key_
                                         compare_facts)
 from onprem_label.clock import utcnow
 from onprem_label.config import CONFIG_FILE_NAME, Settings, load_settings
+from onprem_label.db.engine import sqlite_file
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.engine import read_connection
 from onprem_label.storage.keyring import KEYRING_FILE, load_keyring
@@ -138,6 +139,13 @@ def _checked_settings(target: Path, body: dict) -> Settings:
     """The target's settings, refused when their backend or checkpoint file cannot take this backup."""
     settings = load_settings({"data_dir": str(target)})
     backend = "sqlite" if settings.is_sqlite else "postgresql"
+    own_file = target / database.SQLITE_FILE
+    if settings.is_sqlite and sqlite_file(settings.effective_database_url) != own_file:
+        # The database is copied into the target; checks, upgrade and the restore's audit event
+        # must go there too, never into a database elsewhere (the live site's, on the same host).
+        raise BackupError(f"the restored settings name the SQLite database "
+                          f"{sqlite_file(settings.effective_database_url)}, not the restored {own_file}: "
+                          "remove database_url from the settings (SQLite lives in the data directory)")
     if backend != body.get("backend"):
         if body.get("backend") == "postgresql":
             raise BackupError("this backup holds a PostgreSQL dump: give --database-url of an empty "
@@ -154,7 +162,11 @@ def _checked_settings(target: Path, body: dict) -> Settings:
 def _open_backup_keyring(source: Path, settings: Settings, body: dict, passphrase: Callable):
     """(keyring, passphrase or None): the backup's keyring opened with the restore's key; a wrong key
     is one clear line."""
-    state = json.loads((source / KEYRING_FILE).read_text())
+    try:
+        state = json.loads((source / KEYRING_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"{KEYRING_FILE} of the backup cannot be read ({exc}); run 'onprem-label "
+                          "backup verify'; nothing was restored") from None
     secret = passphrase(settings) if state.get("passphrase") else None
     try:
         keyring = load_keyring(source, settings.key_path, passphrase=secret)
@@ -184,7 +196,8 @@ def _restore(source: Path, target: Path, settings: Settings, keyring, body: dict
     if target not in checkpoint.parents:
         undo.append(lambda: checkpoint.unlink(missing_ok=True))
     destinations = {name: target / name for name in body["files"] if name != CONFIG_FILE_NAME}
-    destinations[CHECKPOINT_NAME] = checkpoint
+    if CHECKPOINT_NAME in destinations:
+        destinations[CHECKPOINT_NAME] = checkpoint
     db_name = body["database"]["file"]
     if pg:
         del destinations[db_name]  # pg_restore reads it where it is, after its checksum is checked

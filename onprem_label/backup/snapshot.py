@@ -33,6 +33,7 @@ from onprem_label.backup import copying, database, manifest
 from onprem_label.backup.errors import BackupError
 from onprem_label.clock import utcnow
 from onprem_label.config import CONFIG_FILE_NAME, Settings
+from onprem_label.db.engine import sqlite_file
 from onprem_label.storage.blobstore import BLOB_ID_RE
 from onprem_label.storage.format import HEADER_BYTES, IntegrityError, parse_header
 from onprem_label.storage.keyring import KEYRING_FILE, Keyring
@@ -87,6 +88,7 @@ def create_backup(settings: Settings, keyring: Keyring, dest: Path, *,
     keyring_before = _keyring_bytes(data)
     made = not dest.exists()
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dest.chmod(0o700)  # an existing empty folder too: the database copy is readable until its own chmod
     try:
         return _write_backup(settings, keyring, dest, keyring_before, progress, started)
     except BaseException:
@@ -118,7 +120,12 @@ def _write_backup(settings: Settings, keyring: Keyring, dest: Path, keyring_befo
 
     if settings.is_sqlite:
         backend, db_name = "sqlite", database.SQLITE_FILE
-        facts = database.snapshot_sqlite(data / database.SQLITE_FILE, dest / db_name)
+        live = sqlite_file(settings.effective_database_url)
+        if live is None or not live.is_file():
+            # sqlite3.connect would make an empty file there and back that up as "complete".
+            raise BackupError(f"no SQLite database at {live or settings.effective_database_url}; "
+                              "nothing to back up (is database_url right?)")
+        facts = database.snapshot_sqlite(live, dest / db_name)
     else:
         backend, db_name = "postgresql", database.PG_DUMP_FILE
         facts = database.snapshot_postgresql(settings.effective_database_url, dest / db_name)
