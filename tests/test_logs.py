@@ -454,8 +454,8 @@ def test_a_database_errors_driver_text_stays_out(app, db, make_user, app_log, ba
 
 def test_an_error_in_a_streamed_body_logs_neither_its_text_nor_the_path(app, db, make_user, clock, app_log,
                                                                         monkeypatch):
-    """Under waitress, an export whose body fails after its first chunk: waitress's record has the
-    exception's type, not its message nor the request's path."""
+    """Under waitress, an export whose body fails after its first chunk: the app's record has the
+    request id and the exception's type, waitress's the type; neither its message nor the path."""
     import threading
 
     import waitress
@@ -478,6 +478,7 @@ def test_an_error_in_a_streamed_body_logs_neither_its_text_nor_the_path(app, db,
         conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         assert response.status == 200
+        request_id = response.headers["X-Request-Id"]
         with pytest.raises(http.client.IncompleteRead):
             response.read()
         conn.close()
@@ -489,6 +490,9 @@ def test_an_error_in_a_streamed_body_logs_neither_its_text_nor_the_path(app, db,
     (record,) = [r for r in read_records(app_log) if r["logger"] == "waitress"]
     assert record["message"] == "Exception while serving a request (path not logged)"
     assert "RuntimeError (message not logged)" in record["exception"]
+    (ours,) = [r for r in read_records(app_log) if r["logger"] == "onprem_label.web"]
+    assert ours["request_id"] == request_id and ours["route"].endswith("/export") and ours["level"] == "error"
+    assert "RuntimeError (message not logged)" in ours["exception"] and "in chunks" in ours["exception"]
     assert MARKER not in text and path.split("?")[0] not in text
 
 
