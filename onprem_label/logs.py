@@ -21,11 +21,17 @@ COMMAND_PLACEHOLDER = "{command}"
 FILE_MODE = 0o640  # the service user and its group (an operator's log reader); nobody else
 # pynetdicom logs at DEBUG the original UIDs of each C-STORE, and pydicom (in debug mode) element
 # values: identifiers that must not reach a log, so these stay at WARNING whatever log_level says.
-ALWAYS_QUIET = ("pynetdicom", "pydicom", "highdicom")
+# Pillow's TiffImagePlugin logs each tag's value at DEBUG (a description, an artist, a date).
+ALWAYS_QUIET = ("pynetdicom", "pydicom", "highdicom", "PIL")
 # Chatty at DEBUG or INFO without telling an operator anything (alembic: two lines per schema check).
-QUIET_UNLESS_DEBUG = ("alembic", "waitress", "PIL")
-# Set on a record (extra=HIDE_EXCEPTION_TEXT) whose exception message may quote its input: a
-# parser's error on a hostile DICOM may carry a patient's name; its type and frames are enough.
+QUIET_UNLESS_DEBUG = ("alembic", "waitress")
+# An exception's message may quote its input (a parser's error on a hostile DICOM may carry a
+# patient's name; PostgreSQL's DETAIL line quotes the row: `Key (username)=(jdoe) already exists`),
+# so a record's trace shows by default only the types and frames (file, line, function), plus a
+# database error's SQLSTATE and constraint. extra=SHOW_EXCEPTION_TEXT opts in to the full text,
+# for an exception whose message is known to hold no data; HIDE_EXCEPTION_TEXT (the default) stays
+# for the call sites that say so explicitly.
+SHOW_EXCEPTION_TEXT = {"show_exception_text": True}
 HIDE_EXCEPTION_TEXT = {"hide_exception_text": True}
 
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("onprem_label_log_context",
@@ -96,14 +102,59 @@ def _utc_time(record: logging.LogRecord) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _type_name(kind: type) -> str:
+    module = getattr(kind, "__module__", "builtins")
+    return kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}"
+
+
+def _database_details(value: BaseException) -> list[str]:
+    """A driver error's code and constraint: what names the fault, never the row's values."""
+    details = []
+    sqlstate = getattr(value, "sqlstate", None) or getattr(value, "pgcode", None)  # psycopg 3 / 2
+    if isinstance(sqlstate, str):
+        details.append(f"sqlstate {sqlstate}")
+    diag = getattr(value, "diag", None)
+    for part in ("constraint_name", "table_name"):
+        name = getattr(diag, part, None) if diag is not None else None
+        if isinstance(name, str) and name:
+            details.append(f"{part.split('_')[0]} {name}")
+    errorname = getattr(value, "sqlite_errorname", None)
+    if isinstance(errorname, str):
+        details.append(errorname)
+    return details
+
+
+def _hidden_trace(value: BaseException, trace, seen: set[int]) -> list[str]:
+    """The trace of `value` (and of its cause or context) without any message: types and frames."""
+    seen.add(id(value))
+    lines: list[str] = []
+    chained = value.__cause__ if value.__cause__ is not None else (
+        None if value.__suppress_context__ else value.__context__)
+    if chained is not None and id(chained) not in seen:
+        lines += _hidden_trace(chained, chained.__traceback__, seen)
+        lines.append("\nThe above exception was the direct cause of the following exception:\n"
+                     if value.__cause__ is not None else
+                     "\nDuring handling of the above exception, another exception occurred:\n")
+    lines.append("Traceback (most recent call last):")
+    lines += [f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}'
+              for frame in traceback.extract_tb(trace)]
+    details = ["message not logged", *_database_details(value)]
+    orig = getattr(value, "orig", None)  # sqlalchemy.exc.DBAPIError wraps the driver's error
+    if isinstance(orig, BaseException) and orig is not value:
+        details += [d for d in _database_details(orig) if d not in details]
+    lines.append(f"{_type_name(type(value))} ({'; '.join(details)})")
+    return lines
+
+
 def _exception_text(record: logging.LogRecord) -> str | None:
     if not record.exc_info or record.exc_info[0] is None:
         return None
     kind, value, trace = record.exc_info
-    if getattr(record, "hide_exception_text", False):
-        frames = "".join(traceback.format_tb(trace))
-        return f"Traceback (most recent call last):\n{frames}{kind.__qualname__} (message not logged)"
-    return "".join(traceback.format_exception(kind, value, trace)).rstrip()
+    if getattr(record, "show_exception_text", False) and not getattr(record, "hide_exception_text", False):
+        return "".join(traceback.format_exception(kind, value, trace)).rstrip()
+    if value is None:
+        value = kind()
+    return "\n".join(_hidden_trace(value, trace, set()))
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -113,7 +164,7 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     fields.update(_process)
     fields.update(_context.get())  # formatting runs in the thread that logged
     fields.update((k, v) for k, v in vars(record).items()
-                  if k not in _STANDARD and k not in ("hide_exception_text", _FORMATTED))
+                  if k not in _STANDARD and k not in ("hide_exception_text", "show_exception_text", _FORMATTED))
     exception = _exception_text(record)
     if exception:
         fields["exception"] = exception
@@ -159,10 +210,17 @@ class JsonFormatter(_OnceFormatter):
     def format_fields(self, fields: dict[str, Any]) -> str:
         """The fields as one line of JSON, secrets masked."""
         scrubbed = {key: value if key in _OWN_FIELDS else _scrub(value) for key, value in fields.items()}
-        return json.dumps(scrubbed, ensure_ascii=False, separators=(",", ":"))
+        # json.dumps escapes C0 controls; DEL, C1 (U+0085 among them), U+2028 and U+2029 would pass
+        # raw, and line-splitting readers (Python's splitlines, JavaScript) break a record on some.
+        return json.dumps(scrubbed, ensure_ascii=False, separators=(",", ":")).translate(_JSON_ESCAPES)
 
 
-_BARE = re.compile(r"^[A-Za-z0-9_./:@+<>\[\]-]+$")
+_LINE_BREAKING = [*range(0x7F, 0xA0), 0x2028, 0x2029]
+_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in _LINE_BREAKING}  # only inside strings: valid JSON
+_KV_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+               **{code: f"\\x{code:02x}" for code in range(0x20) if code not in (0x09, 0x0A, 0x0D)},
+               **{code: (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}") for code in _LINE_BREAKING}}
+_BARE = re.compile(r"[A-Za-z0-9_./:@+<>\[\]-]+")
 
 
 def _kv_value(value: Any) -> str:
@@ -171,10 +229,9 @@ def _kv_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     text = str(value)
-    if _BARE.match(text):
+    if _BARE.fullmatch(text):
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return f'"{escaped}"'
+    return f'"{text.translate(_KV_ESCAPES)}"'
 
 
 class KeyValueFormatter(_OnceFormatter):
@@ -186,20 +243,47 @@ class KeyValueFormatter(_OnceFormatter):
                         for key, value in fields.items())
 
 
+def _open_private(path: str, encoding: str | None, errors: str | None):
+    """`path` for appending; a file this call creates is FILE_MODE whatever the umask (systemd's
+    UMask=0077 would make it 0600, shutting out the log readers' group)."""
+    flags = os.O_WRONLY | os.O_APPEND
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
+    except FileExistsError:  # an existing file keeps the mode it has (an operator may have narrowed it)
+        fd = os.open(path, flags)
+    return os.fdopen(fd, "a", encoding=encoding, errors=errors)
+
+
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """Size-rotated log file whose new files (first and after each rollover) are mode 0640."""
 
     def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        return _open_private(self.baseFilename, self.encoding, self.errors)
 
 
 class PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
     """A worker process's view of its parent's log file: reopened after the parent rotates it."""
 
     def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        return _open_private(self.baseFilename, self.encoding, self.errors)
+
+
+# waitress logs an error raised inside a streamed response body (after Flask's handlers are done)
+# as "Exception while serving <path>": a path may name what a request is about; the route is in the
+# request's access line. (Its trace shows types and frames only, as every trace does.)
+_WAITRESS_PATH_LINES = ("Exception while serving ", "Client disconnected while serving ")
+
+
+class _WaitressPathFilter(logging.Filter):
+    """Drops the request path from waitress's per-request lines; keeps the rest of the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("waitress") and isinstance(record.msg, str):
+            for prefix in _WAITRESS_PATH_LINES:
+                if record.msg.startswith(prefix):
+                    record.msg, record.args = prefix + "a request (path not logged)", ()
+        return True
 
 
 class StderrHandler(logging.StreamHandler):
@@ -251,6 +335,7 @@ def make_handler(settings, command: str) -> logging.Handler:
                                              backupCount=settings.log_backups, encoding="utf-8")
         handler.lock_fd = lock  # released with the process (or by close_logging)
     handler.setFormatter(_formatter(settings.log_format))
+    handler.addFilter(_WaitressPathFilter())
     setattr(handler, _OWN, True)
     return handler
 
@@ -275,6 +360,7 @@ def configure_worker(config: dict[str, Any]) -> None:
     path = config["path"]
     handler = PrivateWatchedFileHandler(path, encoding="utf-8") if path else StderrHandler()
     handler.setFormatter(_formatter(config["format"]))
+    handler.addFilter(_WaitressPathFilter())
     root.addHandler(handler)
     root.setLevel(config["level"])
     for name in ALWAYS_QUIET:

@@ -39,6 +39,13 @@ FILE_NAME = "Smithfield_Johanna_MRN-7741-0032.dcm"
 KV_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
+def _unescape(match: re.Match) -> str:
+    code = match.group(1)
+    if len(code) > 1:  # \xNN or \uNNNN
+        return chr(int(code[1:], 16))
+    return {"n": "\n", "r": "\r", "t": "\t"}.get(code, code)
+
+
 def parse_kv(line: str) -> dict[str, str]:
     """One key=value line back into its fields (quoted values unescaped); the whole line must be pairs."""
     fields, position = {}, 0
@@ -46,7 +53,7 @@ def parse_kv(line: str) -> dict[str, str]:
         assert line[position:match.start()].strip() == "", f"not key=value: {line!r}"
         raw = match.group(2)
         if raw.startswith('"'):
-            raw = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), raw[1:-1])
+            raw = re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)", _unescape, raw[1:-1])
         fields[match.group(1)] = raw
         position = match.end()
     assert line[position:].strip() == "", f"not key=value: {line!r}"
@@ -89,6 +96,23 @@ def test_json_record_has_time_level_logger_message_and_context(tmp_path, configu
     assert (tmp_path / "logs" / "serve.log").stat().st_mode & 0o777 == 0o640
 
 
+@pytest.mark.parametrize("log_format", ["keyvalue", "json"])
+def test_control_characters_never_split_a_record(tmp_path, configured, log_format):
+    """A trailing newline, ESC, DEL, C1 controls, U+0085, U+2028 and U+2029 are escaped: one record
+    per value, parsed back to the same text, and no raw control character in the file."""
+    path = tmp_path / "app.log"
+    configured(log_settings(tmp_path, log_file=str(path), log_format=log_format), "serve")
+    values = ["abc\n", "abc\r", "a\x1b[31mred", "tab\there", "nul\x00del\x7f", "c1\x85\x9b",
+              "ls\u2028ps\u2029end", "x\x0b\x0c"]
+    log = logging.getLogger("onprem_label.test")
+    for value in values:
+        log.warning("value", extra={"detail": value})
+    text = path.read_text(encoding="utf-8")
+    records = read_records(path, log_format)
+    assert [r["detail"] for r in records] == values
+    assert text.count("\n") == len(values) and not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", text)
+
+
 def test_keyvalue_lines_parse_back_to_their_values(tmp_path, configured):
     """key=value lines quote and escape spaces, quotes, '=' and newlines; a trace stays on one line."""
     path = tmp_path / "app.log"
@@ -105,7 +129,8 @@ def test_keyvalue_lines_parse_back_to_their_values(tmp_path, configured):
     first, second = map(parse_kv, lines)
     assert first["message"] == tricky and first["level"] == "warning" and first["logger"] == "onprem_label.test"
     assert first["empty"] == "" and first["none"] == "-" and first["time"].endswith("Z")
-    assert second["message"] == "failed" and "ValueError: broken" in second["exception"]
+    assert second["message"] == "failed" and "ValueError (message not logged)" in second["exception"]
+    assert "broken" not in lines[1]
 
 
 def test_records_go_to_standard_error_without_a_log_file(tmp_path, configured, capsys):
@@ -194,6 +219,81 @@ def test_exception_text_can_be_kept_out(tmp_path, configured):
     record = json.loads(path.read_text(encoding="utf-8"))
     assert "ValueError (message not logged)" in record["exception"] and "test_logs.py" in record["exception"]
     assert PATIENT not in path.read_text(encoding="utf-8")
+
+
+MARKER = "Marker-Okapi-6620"
+
+
+def test_exception_text_is_hidden_by_default(tmp_path, configured):
+    """Without any extra, a trace shows types and frames (file, line, function), for its cause too,
+    never a message or a source line; SHOW_EXCEPTION_TEXT opts in to the full text."""
+    path = tmp_path / "app.log"
+    configured(log_settings(tmp_path, log_file=str(path)), "serve")
+    log = logging.getLogger("onprem_label.test")
+
+    def failing():
+        try:
+            raise KeyError(f"cause {MARKER}")
+        except KeyError as exc:
+            raise ValueError(f"bad value {MARKER}") from exc
+
+    for call in (lambda: log.exception("plain"), lambda: log.warning("retry", exc_info=True)):
+        try:
+            failing()
+        except ValueError:
+            call()
+    try:
+        raise ValueError("known safe text")
+    except ValueError:
+        log.error("opted in", exc_info=True, extra=logs.SHOW_EXCEPTION_TEXT)
+    text = path.read_text(encoding="utf-8")
+    plain, retry, shown = read_records(path)
+    assert MARKER not in text
+    for record in (plain, retry):
+        trace = record["exception"]
+        assert "raise " not in trace  # no source line either
+        assert "ValueError (message not logged)" in trace and "KeyError (message not logged)" in trace
+        assert "direct cause" in trace and re.search(r'test_logs\.py", line \d+, in failing', trace)
+    assert "ValueError: known safe text" in shown["exception"] and "show_exception_text" not in shown
+
+
+def test_pil_stays_at_warning_under_debug(tmp_path, configured):
+    """log_level=debug: Pillow's TIFF tag values (its DEBUG lines) stay out, here and in a decode worker."""
+    from PIL import Image, TiffImagePlugin
+
+    path = tmp_path / "app.log"
+    configured(log_settings(tmp_path, log_file=str(path), log_level="debug"), "serve")
+    tiff = io.BytesIO()
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[270] = f"description {MARKER}"  # ImageDescription, which TiffImagePlugin logs at DEBUG
+    Image.new("L", (4, 4)).save(tiff, format="TIFF", tiffinfo=info)
+    tiff.seek(0)
+    with Image.open(tiff) as image:
+        image.load()
+    pool = WorkerPool(1)
+    try:
+        pool.run(logging.getLogger("PIL.TiffImagePlugin").debug, f"worker {MARKER}")
+        pool.run(logging.debug, "ours from the worker")
+    finally:
+        pool.close()
+    logging.getLogger("onprem_label.imaging").debug("ours")
+    assert MARKER not in path.read_text(encoding="utf-8")
+    assert [r["message"] for r in read_records(path)] == ["ours from the worker", "ours"]
+
+
+def test_log_files_are_0640_under_umask_077(tmp_path, configured):
+    """systemd's UMask=0077 would make new files 0600: the first file and each rotated one are 0640."""
+    path = tmp_path / "app.log"
+    old = os.umask(0o077)
+    try:
+        configured(log_settings(tmp_path, log_file=str(path), log_max_mb=1, log_backups=1), "serve")
+        log = logging.getLogger("onprem_label.test")
+        for n in range(1500):
+            log.info("record %d %s", n, "x" * 900)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "app.log.1").exists()
+    assert [oct(p.stat().st_mode & 0o777) for p in (path, tmp_path / "app.log.1")] == ["0o640", "0o640"]
 
 
 def test_pynetdicom_and_pydicom_stay_at_warning_under_debug(tmp_path, configured):
@@ -309,6 +409,91 @@ def test_streamed_response_logs_its_line_when_the_body_is_done(app, client, db, 
     response.close()
     (line,) = lines()
     assert line["status"] == 200 and line["streamed"] is True and line["route"].endswith("/export")
+
+
+def test_unhandled_error_logs_its_type_and_request_id_not_its_text(app, client, db, make_user, clock, app_log,
+                                                                     monkeypatch):
+    """A 500: the error record has the request id and the exception's type, never its message."""
+    headers = bearer_for(db, make_user(USERNAME, "manager"), clock)
+    new_project(db)
+    db.close()
+
+    def broken(_project):
+        raise RuntimeError(f"boom for {MARKER}")
+
+    monkeypatch.setattr("onprem_label.web.api.workflow.project_json", broken)
+    failed = client.get("/api/v1/projects", headers=headers)
+    assert failed.status_code == 500
+    records = read_records(app_log)
+    (error,) = [r for r in records if r["logger"] == "onprem_label.web" and r["level"] == "error"]
+    assert error["request_id"] == failed.headers["X-Request-Id"] in error["message"]
+    assert "RuntimeError (message not logged)" in error["exception"] and "in broken" in error["exception"]
+    assert MARKER not in app_log.read_text(encoding="utf-8")
+
+
+def test_a_database_errors_driver_text_stays_out(app, db, make_user, app_log, backend):
+    """A unique violation on a username (PostgreSQL's DETAIL quotes it) logs the type, SQLSTATE and
+    constraint, never the value."""
+    from sqlalchemy.exc import IntegrityError
+
+    make_user(MARKER)
+    with pytest.raises(IntegrityError) as caught:
+        make_user(MARKER)
+    db.rollback()
+    try:
+        raise caught.value
+    except IntegrityError:
+        logging.getLogger("onprem_label.web").exception("could not store")
+    (record,) = [r for r in read_records(app_log) if r["message"] == "could not store"]
+    assert "sqlalchemy.exc.IntegrityError (message not logged" in record["exception"]
+    if backend == "postgresql":
+        assert MARKER in str(caught.value)  # what the log would have said
+        assert "sqlstate 23505" in record["exception"] and "constraint " in record["exception"]
+    assert MARKER not in app_log.read_text(encoding="utf-8")
+
+
+def test_an_error_in_a_streamed_body_logs_neither_its_text_nor_the_path(app, db, make_user, clock, app_log,
+                                                                        monkeypatch):
+    """Under waitress, an export whose body fails after its first chunk: the app's record has the
+    request id and the exception's type, waitress's the type; neither its message nor the path."""
+    import threading
+
+    import waitress
+
+    headers = bearer_for(db, make_user(USERNAME, "manager"), clock)
+    project_id = new_project(db)
+    db.close()
+
+    def chunks(*_args, **_kwargs):
+        yield b"first chunk\n"
+        raise RuntimeError(f"export broke on {MARKER}")
+
+    monkeypatch.setattr("onprem_label.exchange.export.chunks", chunks)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=1)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    path = f"/api/v1/projects/{project_id}/export?format=jsonl"
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=60)
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        assert response.status == 200
+        request_id = response.headers["X-Request-Id"]
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+        conn.close()
+        assert wait_for(lambda: any(r["logger"] == "waitress" for r in read_records(app_log)))
+    finally:
+        server.close()
+        thread.join(10)
+    text = app_log.read_text(encoding="utf-8")
+    (record,) = [r for r in read_records(app_log) if r["logger"] == "waitress"]
+    assert record["message"] == "Exception while serving a request (path not logged)"
+    assert "RuntimeError (message not logged)" in record["exception"]
+    (ours,) = [r for r in read_records(app_log) if r["logger"] == "onprem_label.web"]
+    assert ours["request_id"] == request_id and ours["route"].endswith("/export") and ours["level"] == "error"
+    assert "RuntimeError (message not logged)" in ours["exception"] and "in chunks" in ours["exception"]
+    assert MARKER not in text and path.split("?")[0] not in text
 
 
 def test_key_value_format_through_the_app(app, client, settings, tmp_path):

@@ -84,7 +84,9 @@ def make_engine(url: str, **kwargs) -> Engine:
         factory = type("WriterLocked", (WriterLockedConnection,), {"writer_lock": _writer_lock(database)})
         kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "factory": factory}
     # An error's text (in a log, or a trace) would otherwise quote its statement's parameters:
-    # usernames, label texts, hashes. The statement itself is enough to find the fault.
+    # usernames, label texts, hashes. The statement itself is enough to find the fault. (The driver's
+    # own text is not covered: PostgreSQL's DETAIL line quotes the row, `Key (username)=(jdoe) already
+    # exists`; the log's formatter shows an exception's type, frames, SQLSTATE and constraint only.)
     kwargs.setdefault("hide_parameters", True)
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":

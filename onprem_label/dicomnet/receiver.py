@@ -260,7 +260,8 @@ class Receiver:
         try:
             state.storer.close()
         except Exception:  # noqa: BLE001 - the instances stay in the spool for the next start
-            log.exception("storing the last batch of AE %r failed; its instances stay in the spool", state.caller)
+            log.exception("storing the last batch of AE %r failed; its instances stay in the spool", state.caller,
+                          extra=HIDE_EXCEPTION_TEXT)  # a database error's text may quote a stored value
             state.db.rollback()
         record(state.db, AuditAction.DICOM_ASSOCIATION_END, actor_name=f"dicom:{state.caller}", object_type="project",
                object_id=state.project_id, details={**state.counts, "refused": state.refused,
@@ -354,7 +355,7 @@ class Receiver:
                 if attempt == STORE_ATTEMPTS - 1:
                     raise
                 log.warning("storing %d instances of AE %r failed; trying again", len(files), state.caller,
-                            exc_info=True)
+                            exc_info=True, extra=HIDE_EXCEPTION_TEXT)
                 threading.Event().wait(STORE_RETRY_S * (attempt + 1))
         for received, _ in group:
             if received.spool_id is not None:

@@ -16,6 +16,7 @@ from onprem_label.logs import current_context, log_context, pop_context, push_co
 from onprem_label.web.context import request_id
 
 log = logging.getLogger("onprem_label.access")
+errors_log = logging.getLogger("onprem_label.web")
 
 
 def _user_id() -> int | None:
@@ -73,10 +74,38 @@ def log_access(response: Response) -> Response:
     fields = _access_fields(response)
     if response.is_streamed:
         # An export streams for minutes after this hook: the line waits for the end of the body.
+        response.response = _ReportedBody(response.response, fields)
         response.call_on_close(lambda: _write(fields, started, streamed=True))
     else:
         _write(fields, started)
     return response
+
+
+class _ReportedBody:
+    """A streamed body whose failure is logged with its request's fields (id, route, user).
+
+    The error comes after Flask's handlers are done: waitress would log it, with neither the
+    request id nor (logs.py drops it) the path, so the operator would not know which request.
+    """
+
+    def __init__(self, body, fields: dict):
+        self._body = body
+        self._context = {k: v for k, v in fields.items() if k not in ("status", "auth")}
+
+    def __iter__(self):
+        try:
+            yield from self._body
+        except Exception:
+            with log_context(**self._context):
+                errors_log.error("the streamed body of request %s failed", self._context.get("request_id"),
+                                 exc_info=True)
+            raise
+
+    def close(self) -> None:
+        """Close the body (the response's close calls this), started or not."""
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
 
 
 def end_request(_exc: BaseException | None = None) -> None:

@@ -80,7 +80,8 @@ def _record_denied(reason: str) -> None:
 
 
 def _unexpected(exc: Exception):
-    # Log the trace for the operator (with the request id); the client sees neither.
+    # Log the trace for the operator (with the request id); the client sees neither. Its message may
+    # quote the request's data, so the record shows the types and frames only (logs.py's default).
     log.exception("unhandled error, request %s", request_id())
     return error_response(500, "internal_error",
                           f"Something went wrong on the server (request {request_id()}).")
