@@ -20,7 +20,7 @@ from onprem_label.audit.site import chain_for
 from onprem_label.auth import accounts
 from onprem_label.auth.errors import AuthError
 from onprem_label.clock import utcnow
-from onprem_label.config import Settings, SettingsError, load_settings
+from onprem_label.config import RESTORE_MARKER, Settings, SettingsError, load_settings
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.engine import sqlite_file
 from onprem_label.logs import LogFileInUse, configure_logging, log_file_path
@@ -80,8 +80,16 @@ def start_logging(settings: Settings, command: str) -> None:
                        f"{exc.strerror or exc}") from None
 
 
+def refuse_unfinished_restore(settings: Settings) -> None:
+    """CliError when a restore into the data directory was cut off (its marker is still there)."""
+    if (settings.data_path / RESTORE_MARKER).exists():
+        raise CliError(f"a restore into {settings.data_path} did not finish ({RESTORE_MARKER} is there): "
+                       "remove the folder (and, for PostgreSQL, empty its database) and restore again")
+
+
 def open_database(settings: Settings, *, require_head: bool = True):
     """(engine, sessionmaker), refusing a database that is missing or not at head."""
+    refuse_unfinished_restore(settings)
     database_file = sqlite_file(settings.effective_database_url)
     if database_file is not None and not database_file.exists():
         # Opening it would create an empty database there (and a command would then act on it).
@@ -226,6 +234,7 @@ def serve(ctx: click.Context, host, port, threads, insecure_http: bool) -> None:
     """Run the web server (waitress)."""
     settings = settings_from(ctx, host=host, port=port, threads=threads)
     start_logging(settings, "serve")
+    refuse_unfinished_restore(settings)  # before the key: a cut-off restore may have copied no keyring yet
     keyring = open_keyring(settings, passphrase=ask_passphrase(settings))
     if not _is_loopback(settings.host):
         if settings.trusted_proxy and _is_loopback(settings.trusted_proxy) and not insecure_http:

@@ -11,6 +11,9 @@ from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "ONPREM_LABEL_"
 CONFIG_FILE_NAME = "onprem-label.toml"
+# Written first into a data directory a restore fills and removed as its last step: a restore cut
+# off by SIGKILL or a power cut leaves it, and every command then refuses the half-made directory.
+RESTORE_MARKER = "RESTORE-UNFINISHED"
 ROLES = ("admin", "manager", "labeler", "reviewer", "auditor")
 # Secrets read from the environment only, never from the config file or `config show`.
 PASSPHRASE_ENV = ENV_PREFIX + "KEY_PASSPHRASE"

@@ -310,33 +310,44 @@ def test_backup_while_sixteen_clients_work_restores_everything_accepted_before_i
         store.verify(blob_id)
 
 
-def test_a_backup_killed_half_way_is_never_reported_complete(tmp_path, empty_database_url):
-    """SIGKILL during the blob copy: `backup verify` says incomplete (exit 1), `restore` refuses it."""
-    data, url = tmp_path / "data", empty_database_url
+def _site_with_blobs(data: Path, url: str, count: int) -> list:
+    """An initialised site with `count` blobs of 1 MiB (and their rows): a copy that takes a while."""
     assert _cli(data, "init", database_url=url).returncode == 0
     settings = _settings(data, url)
     store = open_store(settings, open_keyring(settings))
     now = datetime.now(timezone.utc)
-    refs = [store.put(io.BytesIO(os.urandom(1 << 20))) for _ in range(400)]
+    refs = [store.put(io.BytesIO(os.urandom(1 << 20))) for _ in range(count)]
     engine = make_engine(settings.effective_database_url)
     try:
         with engine.begin() as conn:
             conn.execute(insert(Blob), [{"id": r.blob_id, "size": r.size, "created_at": now} for r in refs])
     finally:
         engine.dispose()
-    dest = tmp_path / "backup"
-    proc = subprocess.Popen([*_command(), "--data-dir", str(data), "backup", str(dest)], env=_env(url),
+    return refs
+
+
+def _kill_when_blobs_copied(args: list[str], url: str, folder: Path, enough: int) -> None:
+    """Run an onprem-label command and SIGKILL it once `enough` entries exist under folder/blobs."""
+    proc = subprocess.Popen([*_command(), *args], env=_env(url),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     try:
-        while sum(1 for _ in (dest / "blobs").rglob("*")) < 40 if dest.exists() else True:
-            assert proc.poll() is None, "the backup finished before it could be killed"
+        while sum(1 for _ in (folder / "blobs").rglob("*")) < enough if folder.exists() else True:
+            assert proc.poll() is None, "the command finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.002)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=20)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_backup_killed_half_way_is_never_reported_complete(tmp_path, empty_database_url):
+    """SIGKILL during the blob copy: `backup verify` says incomplete (exit 1), `restore` refuses it."""
+    data, url = tmp_path / "data", empty_database_url
+    refs = _site_with_blobs(data, url, 400)
+    dest = tmp_path / "backup"
+    _kill_when_blobs_copied(["--data-dir", str(data), "backup", str(dest)], url, dest, 40)
     assert not (dest / "manifest.json").exists()
     copied = [p for p in (dest / "blobs").rglob("*") if p.is_file()]
     assert 0 < len(copied) < len(refs)
@@ -348,3 +359,23 @@ def test_a_backup_killed_half_way_is_never_reported_complete(tmp_path, empty_dat
     restored = _cli(tmp_path / "restored", "restore", str(dest))
     assert restored.returncode == 1 and "incomplete backup" in restored.stderr
     assert not (tmp_path / "restored").exists()
+
+
+def test_a_restore_killed_half_way_leaves_a_directory_nothing_starts_on(tmp_path, empty_database_url, restore_url):
+    """SIGKILL during a restore's blob copy: serve and every other command refuse the half-made directory,
+    doctor reports it (exit 2), and a new restore after removing it succeeds."""
+    data, url = tmp_path / "data", empty_database_url
+    _site_with_blobs(data, url, 400)
+    dest = tmp_path / "backup"
+    assert _cli(data, "backup", str(dest), database_url=url).returncode == 0
+    target = tmp_path / "restored"
+    (tmp_path / "restored.key").write_bytes((tmp_path / "data.key").read_bytes())
+    (tmp_path / "restored.key").chmod(0o600)
+    args = ["--data-dir", str(target), "restore", str(dest)] + (["--database-url", restore_url] if restore_url else [])
+    _kill_when_blobs_copied(args, "", target, 40)
+    assert (target / "RESTORE-UNFINISHED").exists()
+    served = _cli(target, "serve", "--port", str(_free_port()))
+    assert served.returncode == 1 and "did not finish" in served.stderr, served.stderr
+    assert _cli(target, "user", "list").returncode == 1
+    doctor = _cli(target, "doctor")
+    assert doctor.returncode == 2 and "did not finish" in doctor.stdout, doctor.stdout

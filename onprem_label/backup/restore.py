@@ -26,12 +26,12 @@ from onprem_label.audit.checkpoints import read_checkpoint_file
 from onprem_label.audit.verify import verify_database
 from onprem_label.backup import copying, database, manifest
 from onprem_label.backup.errors import BackupError
-from onprem_label.storage.durable import write_atomically
+from onprem_label.storage.durable import fsync_dir, write_atomically
 from onprem_label.backup.snapshot import CHECKPOINT_NAME
 from onprem_label.backup.verify import (authenticate_blobs, blob_ids, check_key_ids,
                                         compare_facts)
 from onprem_label.clock import utcnow
-from onprem_label.config import CONFIG_FILE_NAME, Settings, load_settings
+from onprem_label.config import CONFIG_FILE_NAME, RESTORE_MARKER, Settings, load_settings
 from onprem_label.db.engine import sqlite_file
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.engine import read_connection
@@ -95,10 +95,15 @@ def restore_backup(source: Path, target: Path, *, database_url: str | None = Non
     undo: list[Callable[[], None]] = []
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        # An exception undoes the restore below; a SIGKILL cannot, so the marker stops every
+        # command (serve included) from starting on what it left.
+        write_atomically(target / RESTORE_MARKER, f"restore of {source} began; it did not finish\n".encode())
         settings = _place_config(source, target, body, database_url, key_file, keep_config)
         keyring, secret = _open_backup_keyring(source, settings, body, passphrase)
         report = _restore(source, target, settings, keyring, body, sample, progress, undo)
         _record(settings, target, body, source, report, secret, actor_name)
+        (target / RESTORE_MARKER).unlink()
+        fsync_dir(target)
         report.seconds = time.monotonic() - started
         return report
     except BaseException:

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from onprem_label.audit.chain import make_chain
 from onprem_label.audit.verify import verify_chain
 from onprem_label.clock import utcnow
-from onprem_label.config import Settings, SettingsError
+from onprem_label.config import RESTORE_MARKER, Settings, SettingsError
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.engine import read_connection, read_only
 from onprem_label.health.findings import OK, PROBLEM, WARNING, Finding, skipped
@@ -124,6 +124,9 @@ def _open_key(settings: Settings, passphrase) -> tuple[object | None, list[Findi
 
 def _open_database(settings: Settings) -> tuple[Engine | None, list[Finding]]:
     """(engine at head or None, findings): reachable, and at the code's migration head."""
+    if (settings.data_path / RESTORE_MARKER).exists():
+        return None, [Finding("database", PROBLEM, f"a restore into {settings.data_path} did not finish "
+                              f"({RESTORE_MARKER} is there): remove the folder and restore again")]
     database = sqlite_path(settings)
     if database is not None and not database.exists():
         # Opening it would create an empty database: doctor writes nothing.
