@@ -38,8 +38,11 @@ HARDENING = {
     "ReadWritePaths": "/var/lib/onprem-label", "ProtectHome": "yes", "PrivateTmp": "yes",
     "PrivateDevices": "yes", "CapabilityBoundingSet": "", "UMask": "0077",
     "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "MemoryDenyWriteExecute": "yes",
-    "Restart": "on-failure",
+    "Restart": "on-failure", "LogsDirectory": "onprem-label", "LogsDirectoryMode": "0750",
 }
+# Modules a careless Python run by install.sh would import from the operator's current folder.
+DECOYS = {"platform.py": "", "pip/__init__.py": "", "pip/__main__.py": ""}
+DECOY_CODE = "import pathlib; pathlib.Path(__file__).resolve().parents[{up}].joinpath('decoy-ran').touch()\n"
 # pydicom's own test files, one per pixel decoder the bundle ships (libjpeg, openjpeg, RLE,
 # JPEG-LS, GDCM) plus an uncompressed slice; one of them is a corrupt file rejected on purpose.
 DECODER_FILES = ("CT_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
@@ -145,11 +148,25 @@ def bundle(archive, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(bundle, tmp_path_factory) -> dict:
-    """install.sh --venv-only into a new venv, offline: the venv, its rendered unit, the output."""
+    """install.sh --venv-only into a new venv, offline: the venv, its rendered unit, the output.
+
+    Given relative paths, from a folder holding a platform.py and a pip package that would mark
+    their import: install.sh must resolve the paths and run no Python with that folder on sys.path.
+    """
     home = tmp_path_factory.mktemp("site")
     venv, unit = home / "venv", home / "onprem-label.service"
-    result = _install(bundle, venv, "--unit-out", unit, cwd=home)
+    for rel in DECOYS:
+        (home / rel).parent.mkdir(parents=True, exist_ok=True)
+        (home / rel).write_text(DECOY_CODE.format(up=rel.count("/")))
+    result = run(["bash", bundle / "install.sh", "--venv-only", "--venv", "venv", "--python", sys.executable,
+                  "--unit-out", "onprem-label.service"], cwd=home, env=_offline_env(dict(os.environ)),
+                 timeout=INSTALL_TIMEOUT)
     assert result.returncode == 0, "install.sh failed\n" + explain(result)
+    assert not (home / "decoy-ran").exists(), "install.sh ran Python with the current folder on sys.path"
+    for rel in DECOYS:
+        (home / rel).unlink()
+    (home / "pip").rmdir()
+    assert unit.is_file() and (venv / "bin" / "onprem-label").is_file()
     return {"venv": venv, "unit": unit, "result": result, "home": home}
 
 
@@ -172,6 +189,9 @@ def test_archive_is_named_for_its_target_and_holds_one_folder_of_that_name(archi
     assert bundle.name == name
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     assert archive.with_name(archive.name + ".sha256").read_text() == f"{digest}  {archive.name}\n"
+    # The value install.sh prints for SHA256SUMS is published beside the archive too.
+    sums = hashlib.sha256((bundle / "SHA256SUMS").read_bytes()).hexdigest()
+    assert archive.with_name(archive.name + ".SHA256SUMS.sha256").read_text() == f"{sums}  {name}/SHA256SUMS\n"
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
     assert {m.name.split("/", 1)[0] for m in members} == {name}
@@ -267,8 +287,25 @@ def _forged_listing(copy: Path) -> str:
     return "../outside"
 
 
+def _symlinked_file(copy: Path) -> str:
+    """LICENSE replaced by a symlink to an identical file outside the bundle (sha256sum follows it)."""
+    outside = copy.parent / "LICENSE.outside"
+    shutil.copyfile(copy / "LICENSE", outside)
+    (copy / "LICENSE").unlink()
+    (copy / "LICENSE").symlink_to(outside)
+    return "LICENSE"
+
+
+def _odd_name(copy: Path) -> str:
+    """LICENSE renamed to a name with a space, and listed so in SHA256SUMS (the sums still match)."""
+    (copy / "LICENSE").rename(copy / "LICENSE copy")
+    sums = copy / "SHA256SUMS"
+    _replace(sums, sums.read_bytes().replace(b"  LICENSE\n", b"  LICENSE copy\n"))
+    return "LICENSE copy"
+
+
 @pytest.mark.parametrize("tamper", [_changed_wheel, _changed_script, _missing_wheel, _extra_wheel,
-                                    _forged_listing])
+                                    _forged_listing, _symlinked_file, _odd_name])
 def test_tampered_bundle_stops_install_before_anything_is_created(bundle, tmp_path, tamper):
     """A changed, missing or extra file, or a SHA256SUMS line leaving the bundle, stops install.sh."""
     copy = _tamper_copy(bundle, tmp_path)
@@ -279,6 +316,32 @@ def test_tampered_bundle_stops_install_before_anything_is_created(bundle, tmp_pa
     assert named in result.stderr, explain(result)
     assert result.stderr.strip().splitlines()[-1].startswith("install.sh: error: "), explain(result)
     assert not venv.exists(), "install.sh created the venv before it had verified the bundle"
+
+
+def test_install_refuses_a_venv_inside_the_data_directory(bundle, tmp_path):
+    """The data directory is the service user's: a venv in it would let that user change what root runs."""
+    venv = tmp_path / "data" / "venv"
+    result = _install(bundle, venv, "--data-dir", tmp_path / "data", "--unit-out", tmp_path / "unit",
+                      cwd=tmp_path)
+    assert result.returncode == 1, explain(result)
+    assert "inside the data directory" in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+        explain(result)
+    assert not venv.exists()
+
+
+@pytest.mark.parametrize("owner, mode", [(0, 0o777), (65534, 0o755)], ids=["writable", "not-root-owned"])
+def test_install_as_root_refuses_a_venv_others_could_change(bundle, tmp_path, owner, mode):
+    """As root, a folder on the way to the venv must be root's and closed to writes by others."""
+    if os.geteuid() != 0:
+        pytest.skip("the check applies to root")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.chown(folder, owner, owner)
+    folder.chmod(mode)
+    result = _install(bundle, folder / "venv", cwd=tmp_path)
+    assert result.returncode == 1, explain(result)
+    assert f"{folder} (on the way to the venv)" in result.stderr, explain(result)
+    assert not (folder / "venv").exists()
 
 
 def _real_python(minor: str, cwd: Path) -> Path | None:
@@ -398,6 +461,8 @@ def test_unit_carries_the_hardening_and_its_exposure_score_stays_low(installed):
             assert values.get(key) == [expected], f"{key}: {values.get(key)}"
         else:
             assert values.get(key, [None])[-1] == expected, f"{key}: {values.get(key)}"
+    # RemoveIPC=yes would take the semaphores of a wrapper-run ingest when the unit stops.
+    assert "RemoveIPC" not in values, values.get("RemoveIPC")
     assert "@system-service" in values.get("SystemCallFilter", []), values.get("SystemCallFilter")
     result = run([analyze, "security", "--offline=yes", "--no-pager", installed["unit"]],
                  cwd=installed["unit"].parent)
@@ -528,13 +593,19 @@ for run in install install-again; do
         exit 3
     fi
 done
-stat -c '%n %U %G %a %F' /var/lib/onprem-label /var/lib/onprem-label.key /etc/onprem-label \
+stat -c '%n %U %G %a %F' /var/lib/onprem-label /var/lib/onprem-label-key \
+    /var/lib/onprem-label-key/onprem-label.key /var/log/onprem-label /etc/onprem-label \
     /etc/onprem-label/onprem-label.toml /var/lib/onprem-label/onprem-label.toml \
     /etc/systemd/system/onprem-label.service /usr/local/sbin/onprem-label > "$ROOT/stat.out"
+grep '^key_file' /etc/onprem-label/onprem-label.toml > "$ROOT/key_file.out"
 readlink /var/lib/onprem-label/onprem-label.toml > "$ROOT/link.out"
 getent passwd onprem-label > "$ROOT/passwd.out"
 cp /etc/systemd/system/onprem-label.service "$ROOT/unit.out"
 /usr/local/sbin/onprem-label init
+# The key rotated as the guide says (service stopped, through the wrapper): the new key and the
+# retired one are written into the key's folder as the service user.
+/usr/local/sbin/onprem-label key rotate > "$ROOT/rotate.out" 2>&1 || { cat "$ROOT/rotate.out" >&2; exit 4; }
+stat -c '%n %U %G %a %F' /var/lib/onprem-label-key/* > "$ROOT/rotated.out"
 """
 # Serve as the service user, as the unit's ExecStart does.
 SYSTEM_SERVE = OVERLAYS + r"""
@@ -552,7 +623,7 @@ def _system_python() -> Path | None:
 
 
 def test_install_as_root_sets_up_user_directories_key_config_unit_and_runs_as_the_user(bundle, tmp_path):
-    """As root (writes kept in overlays): user, 0700 data dir, 0600 key, config, unit; init and serve work."""
+    """As root (writes kept in overlays): user, 0700 data dir, 0600 key, config, unit; init, key rotate, serve."""
     python = _system_python()
     unshare = shutil.which("unshare")
     missing = ("not root" if os.geteuid() != 0 else None) or \
@@ -576,7 +647,16 @@ def test_install_as_root_sets_up_user_directories_key_config_unit_and_runs_as_th
         wait_healthy(f"http://{LOOPBACK}:{port}", server, log)
         stats = {line.split()[0]: line.split()[1:] for line in (root / "stat.out").read_text().splitlines()}
         assert stats["/var/lib/onprem-label"][:3] == ["onprem-label", "onprem-label", "700"], stats
-        assert stats["/var/lib/onprem-label.key"][:3] == ["onprem-label", "onprem-label", "600"], stats
+        assert stats["/var/lib/onprem-label-key"][:3] == ["onprem-label", "onprem-label", "700"], stats
+        assert stats["/var/lib/onprem-label-key/onprem-label.key"][:3] == ["onprem-label", "onprem-label", "600"], \
+            stats
+        assert stats["/var/log/onprem-label"][:3] == ["onprem-label", "onprem-label", "750"], stats
+        assert (root / "key_file.out").read_text() == 'key_file = "/var/lib/onprem-label-key/onprem-label.key"\n'
+        assert "master key rotated" in (root / "rotate.out").read_text()
+        rotated = {line.split()[0]: line.split()[1:] for line in (root / "rotated.out").read_text().splitlines()}
+        assert len(rotated) == 2 and all(v[:3] == ["onprem-label", "onprem-label", "600"] for v in rotated.values()), \
+            rotated
+        assert any(".retired-" in name for name in rotated), rotated
         assert stats["/etc/onprem-label"][:3] == ["root", "onprem-label", "750"], stats
         assert stats["/etc/onprem-label/onprem-label.toml"][:3] == ["root", "onprem-label", "640"], stats
         assert stats["/var/lib/onprem-label/onprem-label.toml"][3] == "symbolic", stats
