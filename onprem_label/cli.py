@@ -175,9 +175,7 @@ def _create_private_sqlite_file(settings: Settings) -> None:
 
     Its -wal and -shm files take the database file's mode, so they are private too.
     """
-    from onprem_label.health.permissions import sqlite_path
-
-    path = sqlite_path(settings)
+    path = sqlite_file(settings.effective_database_url)
     if path is not None and not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -89,6 +90,20 @@ def pg_template():
     engine.dispose()
 
 
+@contextmanager
+def private_pg_database(admin, prefix: str, template: str | None = None):
+    """A new PostgreSQL database (empty, or a clone of `template`) for one test: its URL; dropped after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request) -> str:
     """The database backend under test."""
@@ -106,12 +121,8 @@ def database_url(backend, request, tmp_path):
         yield ""  # the default: SQLite inside the data directory
         return
     admin, template = request.getfixturevalue("pg_template")
-    name = f"onprem_t_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with private_pg_database(admin, "onprem_t", template) as url:
+        yield url
 
 
 @pytest.fixture
@@ -120,13 +131,8 @@ def restore_url(backend, pg_template):
     if backend == "sqlite":
         yield ""
         return
-    admin, _ = pg_template
-    name = f"onprem_r_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with private_pg_database(pg_template[0], "onprem_r") as url:
+        yield url
 
 
 @pytest.fixture
@@ -150,12 +156,8 @@ def empty_database_url(backend, request):
         yield ""
         return
     admin, _template = request.getfixturevalue("pg_template")
-    name = f"onprem_e_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with private_pg_database(admin, "onprem_e") as url:
+        yield url
 
 
 @pytest.fixture

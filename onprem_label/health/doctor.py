@@ -16,7 +16,8 @@ from onprem_label.config import RESTORE_MARKER, Settings, SettingsError
 from onprem_label.db import make_engine, make_sessionmaker, migrate
 from onprem_label.db.engine import read_connection, read_only
 from onprem_label.health.findings import OK, PROBLEM, WARNING, Finding, skipped
-from onprem_label.health.permissions import check_permissions, sqlite_path
+from onprem_label.db.engine import sqlite_file
+from onprem_label.health.permissions import check_permissions
 from onprem_label.health.storage import check_storage
 from onprem_label.health.system import check_clock, check_disk
 from onprem_label.storage import open_keyring, open_store
@@ -127,7 +128,7 @@ def _open_database(settings: Settings) -> tuple[Engine | None, list[Finding]]:
     if (settings.data_path / RESTORE_MARKER).exists():
         return None, [Finding("database", PROBLEM, f"a restore into {settings.data_path} did not finish "
                               f"({RESTORE_MARKER} is there): remove the folder and restore again")]
-    database = sqlite_path(settings)
+    database = sqlite_file(settings.effective_database_url)
     if database is not None and not database.exists():
         # Opening it would create an empty database: doctor writes nothing.
         return None, [Finding("database", PROBLEM, f"no database at {database}; run 'onprem-label init' first")]

@@ -37,11 +37,6 @@ def _owner(uid: int) -> str:
         return f"uid {uid}"
 
 
-def sqlite_path(settings: Settings) -> Path | None:
-    """The SQLite database file of `settings`, or None for PostgreSQL (or a memory database)."""
-    return sqlite_file(settings.effective_database_url) if settings.is_sqlite else None
-
-
 def config_holds_password(settings: Settings) -> bool:
     """True when the database URL, with a password in it, comes from the config file."""
     url = settings.database_url
@@ -73,7 +68,7 @@ def check_permissions(settings: Settings) -> list[Finding]:
         out += _key_file_findings(settings.key_path, data)
     out += _config_findings(data / CONFIG_FILE_NAME, settings)
     files = [keyring_path(data), settings.audit_checkpoint_path]
-    database = sqlite_path(settings)
+    database = sqlite_file(settings.effective_database_url)
     if database is not None:
         files += [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]
     for path in files:
